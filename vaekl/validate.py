@@ -1,0 +1,118 @@
+"""Input checks shared by the public functions: dtypes, shapes, names, finiteness.
+
+Shape and dtype checks run at trace time (they only read static information), so
+they cost nothing inside `jax.jit`. Finiteness is a value check: it is recorded
+with `checkify.debug_check`, a no-op unless the caller wraps the function with
+`vaekl.checked`, which turns NaN/inf inputs into a `FloatingPointError` naming
+the offending argument.
+"""
+
+import functools
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+
+def floating(fn_name: str, **arrays) -> dict[str, jax.Array]:
+    """Converts each keyword to a floating `jax.Array`, or raises `TypeError`.
+
+    Python floats and ints (literals such as `p_mean=0.0`) are accepted and take
+    the dtype of the floating arrays; an integer or boolean array is refused,
+    since a silent cast would hide a wrong argument (pixels as uint8, say).
+    """
+    out = {}
+    for name, x in arrays.items():
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            out[name] = x
+            continue
+        dtype = getattr(x, "dtype", None)
+        if dtype is None:
+            x = np.asarray(x)
+            dtype = x.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{fn_name}: `{name}` must be a floating-point array (float32 or"
+                f" float64), got dtype {dtype}."
+            )
+        out[name] = jnp.asarray(x)
+    return out
+
+
+def event_shape(fn_name: str, arrays: dict, *, min_ndim: Sequence[str] = ()) -> tuple[int, ...]:
+    """Returns the broadcast shape of `arrays`, or raises a `ValueError`.
+
+    Args:
+      fn_name: the public function, for the message.
+      arrays: name -> array or Python scalar.
+      min_ndim: names that must have at least one axis (the event axis).
+
+    Returns:
+      The broadcast shape [..., event_dim].
+    """
+    for name in min_ndim:
+        if jnp.ndim(arrays[name]) < 1:
+            raise ValueError(
+                f"{fn_name}: `{name}` must have a last (event) axis, shape"
+                f" [..., dim]; got a scalar."
+            )
+    shapes = {n: jnp.shape(a) for n, a in arrays.items()}
+    try:
+        return jnp.broadcast_shapes(*shapes.values())
+    except ValueError:
+        described = ", ".join(f"{n}{list(s)}" for n, s in shapes.items())
+        raise ValueError(
+            f"{fn_name}: shapes do not broadcast: {described}; expected equal"
+            " event (last) axes and broadcastable leading axes."
+        ) from None
+
+
+def positive_int(fn_name: str, name: str, value) -> int:
+    """Checks a static count such as `num_samples` (an int >= 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{fn_name}: `{name}` must be an int >= 1, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"{fn_name}: `{name}` must be >= 1, got {value}.")
+    return int(value)
+
+
+def choice(fn_name: str, name: str, value, allowed: Iterable[str]) -> str:
+    """Checks that `value` is one of `allowed`."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{fn_name}: unknown {name} {value!r}; expected one of {allowed}.")
+    return value
+
+
+def finite(fn_name: str, **arrays) -> None:
+    """Records NaN/inf checks that only fire under `vaekl.checked`."""
+    for name, x in arrays.items():
+        if isinstance(x, (int, float)):
+            if not np.isfinite(x):
+                raise FloatingPointError(f"{fn_name}: `{name}` is {x}.")
+            continue
+        checkify.debug_check(
+            jnp.all(jnp.isfinite(x)), f"{fn_name}: `{name}` has NaN or inf entries."
+        )
+
+
+def checked(fn: Callable) -> Callable:
+    """Wraps `fn` so that NaN/inf inputs raise `FloatingPointError`.
+
+    Example: `vaekl.checked(jax.jit(vaekl.kl.analytic))(mean, log_var)`. Wrap a
+    jitted function (not the other way round: the raise needs concrete values);
+    the check costs one reduction per input.
+    """
+    checkified = checkify.checkify(fn, errors=checkify.user_checks)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        err, out = checkified(*args, **kwargs)
+        msg = err.get()
+        if msg is not None:
+            raise FloatingPointError(msg.split(" (`check` failed")[0])
+        return out
+
+    return wrapper

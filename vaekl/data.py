@@ -1,0 +1,442 @@
+"""Data sets by name, held in memory as float32 arrays, and deterministic epochs.
+
+`load(name, split)` returns a `Dataset`: the examples as one float32 array
+`x` of shape [N, D] plus what a model needs to know (`likelihood`, `shape`,
+`dim`). `epoch_batches(dataset, batch_size, seed=..., epoch=...)` returns a
+whole epoch as one [num_batches, batch_size, D] array, so training can send it
+to the device in one transfer and `lax.scan` over it. Everything random is a
+pure function of integer seeds, so a resumed run sees the same batches.
+
+Data sets (`NAMES`):
+
+* tfds, read from a prepared `data_dir` with `tfds.data_source` (no
+  TensorFlow needed to read; never downloaded: prepare them offline with
+  `python -m vaekl.prepare`, see `vaekl/prepare.py`):
+  - `binarized_mnist`: Larochelle's fixed binarisation; train/validation/test
+    of 50000/10000/10000; Bernoulli.
+  - `mnist`, `fashion_mnist`: 28x28 grey levels in [0, 1]; train 60000,
+    test 10000; Bernoulli with dynamic binarisation (below).
+  - `omniglot`: the tfds 105x105 images, ink as 1, box-downsampled to 28x28;
+    splits train/test/small1/small2; dynamic binarisation.
+* embedded, no files needed:
+  - `digits`: scikit-learn's 8x8 digits / 16; a seeded 1497/300 train/test
+    split; dynamic binarisation.
+  - `linear_gaussian`: draws from the model of `vaekl.linear_gaussian`
+    (d=20, k=5, s=0.5; 5000 train, 1000 test by default); Gaussian. The model
+    rides along as `Dataset.model` for the exact log p(x) and p(z | x).
+* from a local file: `frey_face` (`path=` to `frey_rawface.mat`): 1965 faces
+  of 28x20 / 255, the last 200 of a seeded permutation as test; Gaussian.
+
+Dynamic binarisation (the IWAE protocol): the training split of a grey-level
+data set keeps its intensities in `x`, and every epoch draws each pixel anew as
+Bernoulli(intensity), from (seed, epoch). Its other splits are binarised once
+at load time from `load`'s `seed`, so evaluation always sees the same bits.
+"""
+
+import dataclasses
+import operator
+import os
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from vaekl import linear_gaussian
+
+BERNOULLI = "bernoulli"
+GAUSSIAN = "gaussian"
+PREPARE_MODULE = "vaekl.prepare"
+
+
+class UnpreparedDatasetError(FileNotFoundError):
+    """A tfds data set is not prepared in the data_dir (it is never downloaded)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """One split of a data set, in memory.
+
+    Attributes:
+      name: the data set's name (one of `NAMES`).
+      split: the split's name (one of `splits(name)`).
+      x: the examples, float32 [N, D]. In [0, 1] for Bernoulli data; for a
+        dynamically binarised split, the pixel intensities.
+      likelihood: `BERNOULLI` or `GAUSSIAN`, the decoder the data calls for.
+      shape: the shape of one example, e.g. (28, 28, 1); its product is D.
+      dynamic_binarization: whether each epoch binarises `x` anew (see
+        `epoch_examples`).
+      labels: int64 [N] class labels, or None where the data set has none.
+      model: the generating `LinearGaussian` for `linear_gaussian`, else None.
+    """
+
+    name: str
+    split: str
+    x: np.ndarray
+    likelihood: str
+    shape: tuple[int, ...]
+    dynamic_binarization: bool = False
+    labels: np.ndarray | None = None
+    model: linear_gaussian.LinearGaussian | None = None
+
+    def __post_init__(self):
+        if self.x.ndim != 2 or self.x.dtype != np.float32:
+            raise ValueError(f"x must be float32 [N, D], got {self.x.dtype} {self.x.shape}")
+        if np.prod(self.shape) != self.x.shape[1]:
+            raise ValueError(f"shape {self.shape} does not hold D={self.x.shape[1]} features")
+        self.x.setflags(write=False)  # Shared by every epoch: never to be changed in place.
+
+    @property
+    def dim(self) -> int:
+        """D, the number of features of one example."""
+        return self.x.shape[1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class _TfdsSpec(NamedTuple):
+    splits: tuple[str, ...]
+    dynamic: bool  # Grey levels: binarised dynamically (train) or once (others).
+    manual_dir: str  # A --manual_dir for the prepare command.
+    manual_files: str  # What that folder must hold.
+
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+)
+_TFDS = {
+    "binarized_mnist": _TfdsSpec(
+        ("train", "validation", "test"),
+        False,
+        "../shared/data/binarized_mnist",
+        "binarized_mnist_{train,valid,test}.amat, or binarized_mnist.npz and write_amat.py",
+    ),
+    "mnist": _TfdsSpec(("train", "test"), True, "../shared/data/mnist", _MNIST_FILES),
+    "fashion_mnist": _TfdsSpec(("train", "test"), True, "MANUAL_DIR", _MNIST_FILES),
+    "omniglot": _TfdsSpec(
+        ("train", "test", "small1", "small2"),
+        True,
+        "MANUAL_DIR",
+        "images_background.zip, images_evaluation.zip, images_background_small{1,2}.zip",
+    ),
+}
+_IMAGE_SHAPE = (28, 28, 1)
+_EMBEDDED_SPLITS = ("train", "test")
+_OPTIONS = {
+    "linear_gaussian": (
+        "obs_dim",
+        "latent_dim",
+        "noise_std",
+        "model_seed",
+        "num_train",
+        "num_test",
+    ),
+}
+NAMES = tuple(sorted([*_TFDS, "digits", "frey_face", "linear_gaussian"]))
+TFDS_NAMES = tuple(sorted(_TFDS))
+_DIGITS_NUM_TEST = 300
+_FREY_SHAPE = (28, 20, 1)
+_FREY_NUM_TEST = 200
+
+
+def splits(name: str) -> tuple[str, ...]:
+    """The split names of data set `name` (one of `NAMES`)."""
+    _check_choice("name", name, NAMES)
+    return _TFDS[name].splits if name in _TFDS else _EMBEDDED_SPLITS
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+    seed: int = 0,
+    **options,
+) -> Dataset:
+    """Loads one split of a data set into memory.
+
+    Args:
+      name: the data set, one of `NAMES`.
+      split: one of `splits(name)`.
+      data_dir: tfds data folder where the tfds data sets were prepared
+        (default $TFDS_DATA_DIR, else ~/tensorflow_datasets); other data sets
+        ignore it.
+      path: the `frey_rawface.mat` file, required by `frey_face`; other data sets
+        ignore it.
+      seed: seed (>= 0) of the data set's own fixed randomness: the one-off
+        binarisation of evaluation splits, the digits and frey_face train/test
+        splits, the linear_gaussian draws. Keep it fixed to compare runs; the
+        training randomness is `epoch_batches`'s seed.
+      **options: for `linear_gaussian` only: obs_dim (20), latent_dim (5),
+        noise_std (0.5), model_seed (0, the seed of W and b), num_train (5000),
+        num_test (1000).
+
+    Returns:
+      The split, with x float32 [N, D].
+
+    Raises:
+      ValueError: unknown name or split, or a negative seed.
+      TypeError: an option the data set does not take.
+      UnpreparedDatasetError: a tfds data set not prepared in data_dir.
+      FileNotFoundError: frey_face without an existing `path`.
+    """
+    _check_choice("name", name, NAMES)
+    _check_choice(f"split (of {name!r})", split, splits(name))
+    seed = _check_nonnegative("seed", seed)
+    allowed = _OPTIONS.get(name, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"load({name!r}) got unknown options {unknown}; it takes "
+            f"{list(allowed) if allowed else 'none'}"
+        )
+    if name in _TFDS:
+        return _load_tfds(name, split, resolve_data_dir(data_dir), seed)
+    if name == "digits":
+        return _load_digits(split, seed)
+    if name == "frey_face":
+        return _load_frey_face(split, path, seed)
+    return _load_linear_gaussian(split, seed, **options)
+
+
+def num_batches(dataset: Dataset, batch_size: int) -> int:
+    """Number of full batches in one epoch (the remainder is dropped).
+
+    Raises:
+      ValueError: if batch_size is not in [1, len(dataset)].
+    """
+    batch_size = _check_nonnegative("batch_size", batch_size)
+    if not 1 <= batch_size <= len(dataset):
+        raise ValueError(
+            f"batch_size must be in [1, {len(dataset)}] (the size of "
+            f"{dataset.name}/{dataset.split}), got {batch_size}"
+        )
+    return len(dataset) // batch_size
+
+
+def epoch_examples(dataset: Dataset, *, seed: int, epoch: int) -> np.ndarray:
+    """The examples as the model sees them in `epoch`, in data set order.
+
+    A dynamically binarised split gets a fresh Bernoulli(x) draw that is a pure
+    function of (seed, epoch); any other split is returned as is.
+
+    Args:
+      dataset: the split.
+      seed: training seed, >= 0.
+      epoch: epoch number, >= 0.
+
+    Returns:
+      float32 [N, D].
+    """
+    return _epoch_values(dataset, seed, epoch).astype(np.float32, copy=False)
+
+
+def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
+    """One epoch of shuffled, fixed-size batches, as a single array.
+
+    The examples are `epoch_examples(dataset, seed=seed, epoch=epoch)` in an
+    order drawn from (seed, epoch); the last len(dataset) % batch_size of that
+    order are dropped.
+
+    Args:
+      dataset: the split.
+      batch_size: examples per batch, in [1, len(dataset)].
+      seed: training seed, >= 0.
+      epoch: epoch number, >= 0.
+
+    Returns:
+      float32 [num_batches(dataset, batch_size), batch_size, D].
+    """
+    count = num_batches(dataset, batch_size)
+    values = _epoch_values(dataset, seed, epoch)
+    order = _rng(seed, "shuffle", epoch).permutation(len(dataset))[: count * batch_size]
+    # Gathering before the float32 cast moves 4x fewer bytes for binarised data.
+    return values[order].astype(np.float32, copy=False).reshape(count, batch_size, dataset.dim)
+
+
+def _epoch_values(dataset: Dataset, seed: int, epoch: int) -> np.ndarray:
+    """`epoch_examples` before its float32 cast: bool [N, D] if binarised, else x."""
+    seed = _check_nonnegative("seed", seed)
+    epoch = _check_nonnegative("epoch", epoch)
+    if not dataset.dynamic_binarization:
+        return dataset.x
+    return _bernoulli_bits(dataset.x, _rng(seed, "binarize", epoch))
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The tfds data folder: data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    if data_dir is None:
+        data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return Path(data_dir).expanduser().resolve()
+
+
+def prepare_command(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The shell command (run from the repository root) that prepares tfds data set `name`."""
+    _check_choice("name", name, TFDS_NAMES)
+    return (
+        f"python -m {PREPARE_MODULE} --dataset={name} "
+        f"--manual_dir={_TFDS[name].manual_dir} --data_dir={resolve_data_dir(data_dir)}"
+    )
+
+
+def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
+    import tensorflow_datasets as tfds  # Lazy: heavy, and only for these data sets.
+
+    version = tfds.builder_cls(name).VERSION
+    if not (data_dir / name / str(version) / "dataset_info.json").is_file():
+        spec = _TFDS[name]
+        raise UnpreparedDatasetError(
+            f"tfds data set {name!r} (version {version}) is not prepared in "
+            f"data_dir {str(data_dir)!r}, and it is never downloaded. Prepare it "
+            f"offline (needs tensorflow-cpu), from the repository root:\n"
+            f"  {prepare_command(name, data_dir)}\n"
+            f"where --manual_dir holds {spec.manual_files}."
+        )
+    source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
+    # One batched read (array_record's __getitems__) is ~2x faster than a loop.
+    examples = source.__getitems__(range(len(source)))
+    images = np.stack([example["image"] for example in examples])
+    labels = (
+        np.array([example["label"] for example in examples], dtype=np.int64)
+        if "label" in examples[0]
+        else None
+    )
+    if name == "binarized_mnist":
+        x = images.reshape(len(images), -1).astype(np.float32)
+    elif name == "omniglot":
+        x = _omniglot_ink(images, _IMAGE_SHAPE[0])
+    else:
+        x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return _binarized_dataset(name, split, x, _IMAGE_SHAPE, labels, _TFDS[name].dynamic, seed)
+
+
+def _omniglot_ink(images: np.ndarray, size: int) -> np.ndarray:
+    """Omniglot [N, H, W, 3] uint8 (black ink on white) to ink in [0, 1], [N, size*size].
+
+    Each image is box-downsampled (area averaged), so a pixel's value is the
+    fraction of its area covered by ink.
+    """
+    from PIL import Image  # Lazy: only omniglot needs it.
+
+    ink = 1.0 - images[..., 0].astype(np.float32) / 255.0
+    small = [
+        np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX))
+        for image in ink
+    ]
+    return np.clip(np.stack(small), 0.0, 1.0).reshape(len(images), size * size)
+
+
+def _load_digits(split: str, seed: int) -> Dataset:
+    from sklearn.datasets import load_digits  # Lazy: scikit-learn is slow to import.
+
+    digits = load_digits()
+    order = _rng(seed, "split", "digits").permutation(len(digits.data))
+    test = np.sort(order[:_DIGITS_NUM_TEST])
+    rows = test if split == "test" else np.sort(order[_DIGITS_NUM_TEST:])
+    x = digits.data[rows].astype(np.float32) / 16.0
+    labels = digits.target[rows].astype(np.int64)
+    return _binarized_dataset("digits", split, x, (8, 8, 1), labels, True, seed)
+
+
+def _load_frey_face(split: str, path: str | os.PathLike | None, seed: int) -> Dataset:
+    if path is None:
+        raise FileNotFoundError(
+            "frey_face needs path=<frey_rawface.mat> (in this project: "
+            "../shared/data/frey/frey_rawface.mat from the repository root)"
+        )
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"frey_face: path {str(path)!r} is not a file (want frey_rawface.mat)"
+        )
+    import scipy.io  # Lazy: only frey_face needs it.
+
+    faces = scipy.io.loadmat(path)["ff"].T  # [1965, 560], one row-major 28x20 face per row.
+    order = _rng(seed, "split", "frey_face").permutation(len(faces))
+    rows = order[-_FREY_NUM_TEST:] if split == "test" else order[:-_FREY_NUM_TEST]
+    x = faces[np.sort(rows)].astype(np.float32) / 255.0
+    return Dataset(name="frey_face", split=split, x=x, likelihood=GAUSSIAN, shape=_FREY_SHAPE)
+
+
+def _load_linear_gaussian(
+    split: str,
+    seed: int,
+    *,
+    obs_dim: int = 20,
+    latent_dim: int = 5,
+    noise_std: float = 0.5,
+    model_seed: int = 0,
+    num_train: int = 5000,
+    num_test: int = 1000,
+) -> Dataset:
+    model = linear_gaussian.make_model(
+        obs_dim, latent_dim, noise_std, _check_nonnegative("model_seed", model_seed)
+    )
+    num = num_test if split == "test" else num_train
+    if _check_nonnegative(f"num_{split}", num) < 1:
+        raise ValueError(f"num_{split} must be >= 1, got {num}")
+    x, _ = linear_gaussian.sample(model, num, _rng(seed, "linear_gaussian", split))
+    return Dataset(
+        name="linear_gaussian",
+        split=split,
+        x=x.astype(np.float32),
+        likelihood=GAUSSIAN,
+        shape=(obs_dim,),
+        model=model,
+    )
+
+
+def _binarized_dataset(
+    name: str,
+    split: str,
+    x: np.ndarray,
+    shape: tuple[int, ...],
+    labels: np.ndarray | None,
+    grey: bool,
+    seed: int,
+) -> Dataset:
+    """A Bernoulli data set; grey levels are binarised per epoch (train) or once (others)."""
+    dynamic = grey and split == "train"
+    if grey and not dynamic:
+        x = _bernoulli_bits(x, _rng(seed, "binarize", name, split)).astype(np.float32)
+    return Dataset(
+        name=name,
+        split=split,
+        x=x,
+        likelihood=BERNOULLI,
+        shape=shape,
+        dynamic_binarization=dynamic,
+        labels=labels,
+    )
+
+
+def _bernoulli_bits(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One Bernoulli(probs) draw per entry, as a bool array of probs' shape."""
+    return rng.random(probs.shape, dtype=np.float32) < probs
+
+
+def _rng(seed: int, *keys: int | str) -> np.random.Generator:
+    """A generator that is a pure function of seed and keys (ints >= 0 or strings)."""
+    words = [zlib.crc32(key.encode()) if isinstance(key, str) else key for key in keys]
+    return np.random.default_rng([seed, *words])
+
+
+def _check_choice(arg: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{arg} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_nonnegative(arg: str, value: int) -> int:
+    """value as an int >= 0, or a ValueError/TypeError naming arg."""
+    if isinstance(value, bool):
+        raise TypeError(f"{arg} must be an int >= 0, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{arg} must be an int >= 0, got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"{arg} must be an int >= 0, got {value}")
+    return value

@@ -8,8 +8,10 @@ The config's `experiment` field names what runs: "train" calls
 """
 
 import importlib
+import logging as py_logging
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -33,10 +35,24 @@ def run(config, workdir: str) -> dict:
     return module.run(config, workdir)
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Keeps orbax's and XLA's per-save and start-up INFO lines out of the run's log."""
+
+    def filter(self, record):
+        noisy = ("orbax" in record.pathname or "xla_bridge" in record.pathname)
+        return record.levelno >= py_logging.WARNING or not noisy
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    run(FLAGS.config, FLAGS.workdir)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        # Bad input and divergence end the run with their message, not a traceback.
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Test-set evaluation: ELBO, IWAE log-likelihood, rate, distortion, active units.
+
+The test set is padded to whole batches and mapped with `lax.map` inside one
+jitted call per number of importance samples; the figures are means over the
+real (unpadded) examples, in nats per example.
+"""
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vaekl import elbo, kl, models
+from vaekl.priors import DiagNormal
+
+ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
+
+
+def _per_dim_kl(mean, log_var, prior):
+    """Analytic KL per latent dimension, [..., latents] (zeros for a non-Gaussian prior)."""
+    if not isinstance(prior, DiagNormal):
+        return jnp.zeros_like(mean)
+    return 0.5 * (jnp.square(mean - prior.mean) * jnp.exp(-jnp.asarray(prior.log_var))
+                  + kl.expm1mx(log_var - prior.log_var))
+
+
+class Evaluator:
+    """Evaluates parameters (of one seed, or stacked over seeds) on a test set."""
+
+    def __init__(self, model: models.VAE, config, test_data, keys, *, vmapped: bool):
+        self._model, self._config, self._keys, self._vmapped = model, config, keys, vmapped
+        batch = min(config.eval_batch_size, len(test_data))
+        num_batches = -(-len(test_data) // batch)
+        pad = num_batches * batch - len(test_data)
+        x = np.concatenate([test_data.x, np.zeros((pad, test_data.dim), np.float32)])
+        self._x = jnp.asarray(x.reshape(num_batches, batch, test_data.dim))
+        self._n = len(test_data)
+        self._exact = None
+        if test_data.model is not None:
+            from vaekl import linear_gaussian
+
+            self._exact = float(np.mean(linear_gaussian.log_marginal(test_data.model,
+                                                                     test_data.x)))
+        self._shape = tuple(test_data.shape)
+        self._likelihood = model.likelihood
+
+    @functools.lru_cache(maxsize=4)
+    def _per_example_fn(self, importance_samples: int):
+        model, config = self._model, self._config
+
+        def one_batch(params, x, key):
+            mean, log_var = model.apply(params, x, method=models.VAE.encode)
+            prior = model.apply(params, method=models.VAE.get_prior)
+            log_lik = functools.partial(model.apply, params, x,
+                                        method=models.VAE.log_likelihood)
+            kl_term = "analytic" if isinstance(prior, DiagNormal) else "k1"
+            k_elbo, k_iwae = jax.random.split(key)
+            bound = elbo.elbo(k_elbo, mean, log_var, log_lik, prior, kl=kl_term,
+                              num_samples=config.eval_elbo_samples)
+            out = {"elbo": bound.elbo, "rate": bound.rate, "distortion": bound.distortion,
+                   "mean": mean, "per_dim_kl": _per_dim_kl(mean, log_var, prior)}
+            if importance_samples:
+                out["log_likelihood"] = elbo.iwae(
+                    k_iwae, mean, log_var, log_lik, prior, num_samples=importance_samples,
+                    chunk_size=config.eval_chunk_size)
+            return out
+
+        def per_example(params, keys):
+            batch_keys = jax.random.split(keys["eval"], self._x.shape[0])
+            out = jax.lax.map(lambda a: one_batch(params, *a), (self._x, batch_keys))
+            return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:])[: self._n], out)
+
+        if self._vmapped:
+            per_example = jax.vmap(per_example)
+        return jax.jit(per_example)
+
+    def summary(self, params, *, importance_samples: int) -> dict:
+        """Scalars (lists over seeds when vmapped): test ELBO, rate, distortion, ...
+
+        `importance_samples` = 0 skips the IWAE estimate.
+        """
+        out = jax.tree.map(np.asarray, self._per_example_fn(importance_samples)(params,
+                                                                                self._keys))
+        figures = {
+            "test_elbo": out["elbo"].mean(-1),
+            "test_rate": out["rate"].mean(-1),
+            "test_distortion": out["distortion"].mean(-1),
+            "active_units": np.sum(out["mean"].var(-2) > ACTIVE_UNIT_THRESHOLD, axis=-1),
+            "per_dim_kl": out["per_dim_kl"].mean(-2),
+        }
+        if importance_samples:
+            figures["test_log_likelihood"] = out["log_likelihood"].mean(-1)
+        return {k: v.tolist() for k, v in figures.items()}
+
+    def results(self, summary: dict, num_seeds: int) -> dict:
+        """The results.json figures: scalars, plus a per-seed list when vmapped."""
+        extra = {"eval_importance_samples": self._config.eval_importance_samples,
+                 "eval_elbo_samples": self._config.eval_elbo_samples}
+        if self._exact is not None:
+            extra["exact_test_log_likelihood"] = self._exact
+        if num_seeds == 1:
+            return {**summary, **extra}
+        seeds = [{k: v[s] for k, v in summary.items()} | {"seed": self._config.seed + s}
+                 for s in range(num_seeds)]
+        means = {k: float(np.mean(v)) for k, v in summary.items() if k != "per_dim_kl"}
+        stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items() if k != "per_dim_kl"}
+        return {**means, **stds, **extra, "seeds": seeds}
+
+    def write_images(self, workdir: Path, params, keys) -> None:
+        """reconstructions.png (test images over their reconstructions) and samples.png."""
+        from PIL import Image
+
+        if self._vmapped:
+            params, keys = jax.tree.map(lambda v: v[0], (params, keys))
+        model = self._model
+        x = self._x.reshape(-1, self._x.shape[-1])[:16]
+        mean, _ = model.apply(params, x, method=models.VAE.encode)
+        recon = self._mean_image(model.apply(params, mean, method=models.VAE.decode))
+        prior = model.apply(params, method=models.VAE.get_prior)
+        z_key = jax.random.fold_in(keys["eval"], 1)
+        if isinstance(prior, DiagNormal):
+            eps = jax.random.normal(z_key, (64, self._config.latents))
+            z = prior.mean + jnp.exp(0.5 * jnp.asarray(prior.log_var)) * eps
+        else:
+            z = prior.sample(z_key, (64,))
+        samples = self._mean_image(model.apply(params, z, method=models.VAE.decode))
+        for name, images, cols in (("reconstructions", np.concatenate([x, recon]), 16),
+                                   ("samples", samples, 8)):
+            grid = _grid(np.asarray(images).reshape((-1,) + self._shape[:2]), cols)
+            Image.fromarray((255 * np.clip(grid, 0, 1)).astype(np.uint8)).resize(
+                (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+                    workdir / f"{name}.png")
+
+    def _mean_image(self, out):
+        return jax.nn.sigmoid(out) if self._likelihood == "bernoulli" else out
+
+
+def _grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """[N, H, W] -> one [rows*(H+1), cols*(W+1)] image with 1-pixel gaps."""
+    n, h, w = images.shape
+    rows = -(-n // cols)
+    grid = np.ones((rows * (h + 1), cols * (w + 1)), np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = img
+    return grid

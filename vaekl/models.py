@@ -1,0 +1,205 @@
+"""Flax encoders, decoders and priors; likelihoods beside them, no losses inside.
+
+Networks are configured, not coded: `hidden=(500,)` with ReLU is the Flax
+example's 784-500-20 net, `hidden=(200, 200)` with tanh the IWAE net, and
+`hidden=()` a linear encoder/decoder. `kind="conv"` gives a small conv net for
+image data.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vaekl.priors import DiagNormal, MixtureOfGaussians
+
+ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "elu": nn.elu, "gelu": nn.gelu,
+               "softplus": nn.softplus, "silu": nn.silu}
+PRIORS = ("standard", "learned", "mixture")
+LIKELIHOODS = ("bernoulli", "gaussian")
+KINDS = ("mlp", "conv")
+INITS = ("lecun", "torch")
+
+
+def _dense_init(init: str):
+    """Kernel and bias initialisers: Flax's LeCun normal, or PyTorch's nn.Linear default."""
+    if init == "torch":
+        # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both kernel and bias.
+        kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+        def bias(key, shape, dtype=jnp.float32, fan_in=1):
+            bound = 1 / math.sqrt(fan_in)
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        return kernel, bias
+    return nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+
+
+class Dense(nn.Module):
+    """A dense layer whose initialiser is named (see `INITS`)."""
+
+    features: int
+    init: str = "lecun"
+
+    @nn.compact
+    def __call__(self, x):
+        kernel_init, bias_init = _dense_init(self.init)
+        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features))
+        if self.init == "torch":
+            bias = self.param("bias", lambda k, s: bias_init(k, s, fan_in=x.shape[-1]),
+                              (self.features,))
+        else:
+            bias = self.param("bias", bias_init, (self.features,))
+        return x @ kernel + bias
+
+
+class MLP(nn.Module):
+    """Hidden dense layers with an activation, then a linear output of `out` features."""
+
+    hidden: Sequence[int]
+    out: int
+    activation: str = "relu"
+    init: str = "lecun"
+
+    @nn.compact
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        for i, width in enumerate(self.hidden):
+            x = act(Dense(width, self.init, name=f"hidden_{i}")(x))
+        return Dense(self.out, self.init, name="out")(x)
+
+
+class ConvTorso(nn.Module):
+    """Two stride-2 3x3 convolutions over an image [..., H, W, C], flattened."""
+
+    image_shape: Sequence[int]
+    features: Sequence[int] = (32, 64)
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x):
+        lead = x.shape[:-1]
+        x = x.reshape((-1, *self.image_shape))
+        for f in self.features:
+            x = ACTIVATIONS[self.activation](nn.Conv(f, (3, 3), strides=2)(x))
+        return x.reshape(lead + (-1,))
+
+
+class ConvHead(nn.Module):
+    """The transpose of `ConvTorso`: a dense layer, then stride-2 transposed convs."""
+
+    image_shape: Sequence[int]
+    channels_out: int
+    features: Sequence[int] = (64, 32)
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, z):
+        act = ACTIVATIONS[self.activation]
+        h, w, _ = self.image_shape
+        scale = 2 ** len(self.features)
+        sh, sw = -(-h // scale), -(-w // scale)
+        lead = z.shape[:-1]
+        x = act(nn.Dense(sh * sw * self.features[0])(z)).reshape((-1, sh, sw, self.features[0]))
+        for f in self.features[1:]:
+            x = act(nn.ConvTranspose(f, (3, 3), strides=(2, 2))(x))
+        x = nn.ConvTranspose(self.channels_out, (3, 3), strides=(2, 2))(x)
+        return x[:, :h, :w, :].reshape(lead + (-1,))
+
+
+class VAE(nn.Module):
+    """Encoder q(z|x), decoder p(x|z) and prior p(z).
+
+    Attributes:
+      latents: latent dimension.
+      data_dim: D, features per example (flattened).
+      hidden: hidden widths of the MLP encoder; the decoder mirrors them.
+      activation: a name in `ACTIVATIONS`.
+      likelihood: "bernoulli" (decoder outputs logits) or "gaussian" (means, and
+        a learned per-pixel log-scale unless `fixed_log_scale` is set).
+      prior: "standard", "learned" (diagonal Gaussian) or "mixture".
+      kind: "mlp" or "conv" (then `image_shape` is needed).
+      init_scheme: dense initialisation, "lecun" (Flax) or "torch" (nn.Linear).
+    """
+
+    latents: int
+    data_dim: int
+    hidden: Sequence[int] = (500,)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    fixed_log_scale: Optional[float] = None
+    prior: str = "standard"
+    num_components: int = 10
+    kind: str = "mlp"
+    image_shape: Sequence[int] = ()
+    init_scheme: str = "lecun"
+
+    def setup(self):
+        if self.kind == "conv":
+            self.enc_torso = ConvTorso(self.image_shape, activation=self.activation)
+            self.enc_head = nn.Dense(2 * self.latents)
+            self.dec_net = ConvHead(self.image_shape, self.image_shape[-1],
+                                    activation=self.activation)
+        else:
+            self.enc_net = MLP(self.hidden, 2 * self.latents, self.activation, self.init_scheme)
+            self.dec_net = MLP(tuple(reversed(self.hidden)), self.data_dim, self.activation,
+                               self.init_scheme)
+        if self.likelihood == "gaussian" and self.fixed_log_scale is None:
+            self.log_scale = self.param("log_scale", nn.initializers.zeros_init(),
+                                        (self.data_dim,))
+        if self.prior == "learned":
+            self.prior_mean = self.param("prior_mean", nn.initializers.zeros_init(),
+                                         (self.latents,))
+            self.prior_log_var = self.param("prior_log_var", nn.initializers.zeros_init(),
+                                            (self.latents,))
+        elif self.prior == "mixture":
+            self.prior_logits = self.param("prior_logits", nn.initializers.zeros_init(),
+                                           (self.num_components,))
+            self.prior_means = self.param("prior_means", nn.initializers.normal(1.0),
+                                          (self.num_components, self.latents))
+            self.prior_log_vars = self.param("prior_log_vars", nn.initializers.zeros_init(),
+                                             (self.num_components, self.latents))
+
+    def encode(self, x):
+        """x [..., D] -> (mean, log_var), each [..., latents]."""
+        h = self.enc_head(self.enc_torso(x)) if self.kind == "conv" else self.enc_net(x)
+        mean, log_var = jnp.split(h, 2, axis=-1)
+        return mean, log_var
+
+    def decode(self, z):
+        """z [..., latents] -> decoder output [..., D] (logits or Gaussian means)."""
+        return self.dec_net(z)
+
+    def log_likelihood(self, x, z):
+        """log p(x|z), z [S, ..., latents] and x [..., D] -> [S, ...]."""
+        out = self.decode(z)
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_prob(out, x)
+        log_scale = self.log_scale if self.fixed_log_scale is None else self.fixed_log_scale
+        return gaussian_log_prob(out, log_scale, x)
+
+    def get_prior(self):
+        """The prior as a `vaekl.priors` pytree."""
+        if self.prior == "learned":
+            return DiagNormal(self.prior_mean, self.prior_log_var)
+        if self.prior == "mixture":
+            return MixtureOfGaussians(self.prior_logits, self.prior_means, self.prior_log_vars)
+        return DiagNormal(0.0, 0.0)
+
+    def __call__(self, x, z):
+        """Touches every parameter (for `init`): x [B, D], z [B, latents]."""
+        return self.encode(x), self.log_likelihood(x, z[None]), self.get_prior()
+
+
+def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
+    """Sum over the last axis of log Bernoulli(x; sigmoid(logits)), x in [0, 1]."""
+    return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+
+
+def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:
+    """Sum over the last axis of log N(x; mean, exp(log_scale)^2)."""
+    log_scale = jnp.asarray(log_scale, mean.dtype)
+    sq = jnp.square((x - mean) * jnp.exp(-log_scale))
+    return -jnp.sum(0.5 * sq + log_scale + 0.5 * math.log(2 * math.pi), axis=-1)

@@ -1,0 +1,316 @@
+"""Training: `train_and_evaluate(config, workdir)`, the call every entry point shares.
+
+The train step is a pure function of (state, batch, key) and runs inside a
+`lax.scan` over one epoch, jitted once with the state donated, so an epoch is a
+single device call with no host synchronisation inside. Randomness is
+`fold_in(key, step)` and the data order `fold_in(key, epoch)`, so a resumed run
+draws exactly the numbers an uninterrupted one would: on CPU its final
+parameters are bitwise equal.
+
+`config.num_seeds > 1` trains that many seeds (config.seed, config.seed + 1, ...)
+in one program with `jax.vmap`; with several local devices the batch is
+sharded over them (`jax.sharding`, parameters replicated).
+"""
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vaekl import checkpoint, elbo, evaluate, kl, models, workdir as workdir_lib
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae")
+ON_NAN = ("stop", "skip")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or metric stopped training (the last good checkpoint is kept)."""
+
+
+def seed_keys(seed: int) -> dict[str, jax.Array]:
+    """Independent keys for init, training steps, data order, binarisation and eval."""
+    base = jax.random.key(seed)
+    return {name: jax.random.fold_in(base, i)
+            for i, name in enumerate(("init", "train", "data", "eval"))}
+
+
+def create_model(config, train_data) -> models.VAE:
+    """The VAE that `config` describes, sized for `train_data`."""
+    likelihood = config.get("likelihood") or train_data.likelihood
+    return models.VAE(
+        latents=config.latents, data_dim=train_data.dim, hidden=tuple(config.hidden),
+        activation=config.activation, likelihood=likelihood,
+        fixed_log_scale=config.get("fixed_log_scale"), prior=config.prior,
+        num_components=config.num_components, kind=config.kind,
+        image_shape=tuple(train_data.shape), init_scheme=config.init)
+
+
+def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Optax optimiser with the learning-rate schedule of `config.schedule`."""
+    total = config.num_epochs * steps_per_epoch
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(lr, max(total, 1))
+    elif config.schedule == "warmup_cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, lr, config.warmup_steps, max(total, config.warmup_steps + 1))
+    else:  # "iwae": Burda et al., 3^i epochs at lr * round(10^(-i/7), 1), i = 0..7.
+        boundaries, values, epoch = [], [lr], 0
+        for i in range(8):
+            epoch += 3**i
+            boundaries.append(epoch * steps_per_epoch)
+            values.append(lr * round(10 ** (-(i + 1) / 7), 1))
+        schedule = optax.piecewise_constant_schedule(
+            lr, {b: values[i + 1] / values[i] for i, b in enumerate(boundaries[:-1])})
+    if config.optimizer == "sgd":
+        return optax.sgd(schedule, momentum=config.momentum or None)
+    opt = optax.adamw if config.optimizer == "adamw" else optax.adam
+    kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adamw" else {}
+    return opt(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, **kwargs)
+
+
+def make_loss_fn(model: models.VAE, config):
+    """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars)."""
+    kl_term, num_samples = config.kl, config.num_samples
+    beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
+
+    def loss_fn(params, x, key, step):
+        mean, log_var = model.apply(params, x, method=models.VAE.encode)
+        prior = model.apply(params, method=models.VAE.get_prior)
+        log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
+        bound = elbo.elbo(key, mean, log_var, log_lik, prior, kl=kl_term,
+                          num_samples=num_samples)
+        beta_t = beta * jnp.minimum(1.0, (step + 1) / warmup) if warmup else beta
+        if free_bits:
+            # Kingma et al. (2016): each dimension's batch-mean KL counts at least free_bits.
+            per_dim = 0.5 * (jnp.square(mean - prior.mean) * jnp.exp(-prior.log_var)
+                             + kl.expm1mx(log_var - prior.log_var))
+            rate_term = jnp.sum(jnp.maximum(free_bits, jnp.mean(per_dim, axis=0)))
+        else:
+            rate_term = jnp.mean(bound.rate)
+        loss = jnp.mean(bound.distortion) + beta_t * rate_term
+        return loss, {"loss": loss, "elbo": jnp.mean(bound.elbo),
+                      "rate": jnp.mean(bound.rate), "distortion": jnp.mean(bound.distortion)}
+
+    return loss_fn
+
+
+def make_epoch_fn(model, config, tx, train_x, *, steps_per_epoch: int, binarize: bool,
+                  mesh=None):
+    """epoch(state, keys, epoch) -> (state, per-step metrics [steps_per_epoch]).
+
+    One epoch: a seeded permutation of the training set from fold_in(data key,
+    epoch), cut into fixed-size batches (the remainder dropped), each step
+    keyed by fold_in(train key, step).
+    """
+    loss_fn = make_loss_fn(model, config)
+    batch_size, skip_bad = config.batch_size, config.on_nan == "skip"
+    batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+
+    def step_fn(state, idx, keys):
+        x = train_x[idx]
+        if batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        key = jax.random.fold_in(keys["train"], state.step)
+        if binarize:
+            key, bin_key = jax.random.split(key)
+            x = jax.random.bernoulli(bin_key, x).astype(x.dtype)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if skip_bad:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new,
+                               state._replace(step=state.step + 1))
+            metrics["skipped"] = (~ok).astype(jnp.float32)
+        return new, metrics
+
+    def epoch_fn(state, keys, epoch):
+        perm = jax.random.permutation(jax.random.fold_in(keys["data"], epoch), train_x.shape[0])
+        idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+        return jax.lax.scan(lambda s, i: step_fn(s, i, keys), state, idx)
+
+    return epoch_fn
+
+
+def _check_config(config, num_devices: int):
+    def choice(field, allowed):
+        if config[field] not in allowed:
+            raise ValueError(f"config.{field}: unknown value {config[field]!r}; expected one of"
+                             f" {tuple(allowed)}.")
+
+    choice("kl", elbo.KL_TERMS)
+    choice("optimizer", OPTIMIZERS)
+    choice("schedule", SCHEDULES)
+    choice("on_nan", ON_NAN)
+    choice("prior", models.PRIORS)
+    choice("kind", models.KINDS)
+    choice("activation", tuple(models.ACTIVATIONS))
+    choice("init", models.INITS)
+    if config.get("likelihood"):
+        choice("likelihood", models.LIKELIHOODS)
+    for field in ("latents", "batch_size", "num_samples", "num_seeds"):
+        if not isinstance(config[field], int) or config[field] < 1:
+            raise ValueError(f"config.{field}: expected an int >= 1, got {config[field]!r}.")
+    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps"):
+        if not isinstance(config[field], int) or config[field] < 0:
+            raise ValueError(f"config.{field}: expected an int >= 0, got {config[field]!r}.")
+    if not config.learning_rate > 0:
+        raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")
+    if config.beta < 0 or config.free_bits < 0:
+        raise ValueError("config.beta and config.free_bits: expected >= 0.")
+    if config.free_bits and (config.kl != "analytic" or config.prior != "standard"):
+        raise ValueError("config.free_bits: per-dimension free bits need kl='analytic' and"
+                         f" prior='standard' (got kl={config.kl!r}, prior={config.prior!r}).")
+    if config.prior == "mixture" and config.kl == "analytic":
+        raise ValueError("config.kl: 'analytic' has no closed form for prior='mixture'; use"
+                         " 'k1', 'k3' or 'stl'.")
+    if any(not isinstance(h, int) or h < 1 for h in config.hidden):
+        raise ValueError(f"config.hidden: expected a tuple of ints >= 1, got {config.hidden!r}.")
+    if config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size: {config.batch_size} must be divisible by the"
+                         f" {num_devices} devices it is sharded over.")
+
+
+def load_data(config):
+    """(train, test) `vaekl.data.Dataset`s for `config.dataset`."""
+    from vaekl import data  # Lazy: the data module reaches for tensorflow-datasets.
+
+    kwargs = dict(data_dir=config.get("data_dir"), path=config.get("data_path") or None,
+                  seed=config.data_seed, **dict(config.get("data_options", {})))
+    return data.load(config.dataset, "train", **kwargs), data.load(config.dataset, "test",
+                                                                    **kwargs)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains the VAE of `config`, evaluates it, and writes everything to `workdir`.
+
+    Rerunning with the same workdir resumes from the latest checkpoint.
+
+    Writes `config.json`, `metrics.jsonl` (train and eval scalars by step),
+    `results.json` (final figures), `checkpoints/` (orbax) and PNG grids of
+    reconstructions and samples for image data.
+
+    Returns:
+      The results dict written to results.json.
+    """
+    start_time = time.time()
+    devices = jax.local_devices()
+    _check_config(config, len(devices))
+    work = workdir_lib.prepare(workdir, config)
+    train_data, test_data = load_data(config)
+    if config.batch_size > len(train_data):
+        raise ValueError(f"config.batch_size: {config.batch_size} is larger than the"
+                         f" {len(train_data)} training examples of {config.dataset!r}.")
+    model = create_model(config, train_data)
+    steps_per_epoch = len(train_data) // config.batch_size
+    total_steps = config.num_epochs * steps_per_epoch
+    tx = create_optimizer(config, steps_per_epoch)
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices) if len(devices) > 1 \
+        else None
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    train_x = jax.device_put(train_data.x, replicated)
+    num_seeds = config.num_seeds
+    keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
+    keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
+
+    example = jnp.zeros((1, train_data.dim), jnp.float32)
+
+    def init_fn(keys):
+        params = model.init(keys["init"], example, jnp.zeros((1, config.latents)))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
+    state = jax.jit(vmap(init_fn))(keys)
+    epoch_fn = make_epoch_fn(model, config, tx, train_x, steps_per_epoch=steps_per_epoch,
+                             binarize=train_data.dynamic_binarization, mesh=mesh)
+    epoch_step = jax.jit(vmap(epoch_fn, in_axes=(0, 0, None)), donate_argnums=(0,))
+    state = jax.device_put(state, replicated)
+
+    ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
+    step, restored = ckpt.restore_latest(state)
+    if step is not None:
+        state = jax.device_put(restored, replicated)
+        logging.info("Resumed from the checkpoint at step %d.", step)
+    step = step or 0
+    metrics_log = workdir_lib.MetricsLog(work / "metrics.jsonl", truncate_after=step)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params)) // num_seeds
+    logging.info("%s: %d parameters per seed, %d steps per epoch, %d epochs, %d seed(s).",
+                 config.dataset, num_params, steps_per_epoch, config.num_epochs, num_seeds)
+
+    evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1)
+    train_wall = workdir_lib.read_train_wall(work)
+    first_epoch = step // steps_per_epoch
+    progress = workdir_lib.Progress(total_steps, first_step=step)
+    for epoch in range(first_epoch, config.num_epochs):
+        t0 = time.time()
+        state, metrics = epoch_step(state, keys, epoch)
+        metrics = jax.tree.map(np.asarray, metrics)  # The one host sync of the epoch.
+        train_wall += time.time() - t0
+        step = (epoch + 1) * steps_per_epoch
+        _check_finite(metrics, epoch * steps_per_epoch, config, ckpt)
+        metrics_log.write_train(metrics, first_step=epoch * steps_per_epoch + 1,
+                                every=config.log_every_steps)
+        if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
+                and epoch + 1 < config.num_epochs:
+            metrics_log.write(step, "eval", evaluator.summary(
+                state.params, importance_samples=config.eval_importance_samples_during))
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+            ckpt.save(step, state)
+            workdir_lib.write_train_wall(work, train_wall)
+        progress.report(step, metrics)
+    ckpt.close()
+
+    summary = evaluator.summary(state.params, importance_samples=config.eval_importance_samples)
+    metrics_log.write(step, "eval", summary)
+    results = evaluator.results(summary, num_seeds)
+    results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
+                   total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
+                   dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
+                   seed=config.seed, num_seeds=num_seeds, devices=len(devices),
+                   platform=devices[0].platform)
+    workdir_lib.write_results(work, results)
+    if len(train_data.shape) == 3:
+        evaluator.write_images(work, state.params, keys)
+    logging.info("Results: %s", json.dumps({k: v for k, v in results.items()
+                                            if not isinstance(v, (list, dict))}))
+    return results
+
+
+def _check_finite(metrics: dict, first_step: int, config, ckpt):
+    """Raises `TrainingDiverged` at the first non-finite step, unless steps are skipped."""
+    if config.on_nan == "skip":
+        skipped = int(np.sum(metrics["skipped"]))
+        if skipped:
+            logging.warning("Skipped %d steps with a non-finite loss or gradient.", skipped)
+        return
+    for name in ("loss", "elbo", "rate", "distortion", "grad_norm"):
+        bad = ~np.isfinite(metrics[name])
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            step_index = int(where[-1])
+            value = metrics[name][tuple(where)]
+            kept = ckpt.steps()
+            raise TrainingDiverged(
+                f"Training diverged at step {first_step + step_index + 1}: metric {name!r} is"
+                f" {value}. The last good checkpoint ({'step ' + str(kept[-1]) if kept else 'none'})"
+                " is kept; lower config.learning_rate, or set config.on_nan='skip' to skip such"
+                " steps.")

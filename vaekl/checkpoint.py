@@ -39,7 +39,10 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore_latest(self, template: Any) -> tuple[Optional[int], Any]:
-        """Restores the newest readable checkpoint shaped like `template`.
+        """Restores the newest readable checkpoint shaped (and sharded) like `template`.
+
+        With `template=None` the arrays are restored as saved (same device
+        topology only) and an unreadable checkpoint raises instead of falling back.
 
         Returns:
           (step, state), or (None, template) when there is no readable checkpoint.
@@ -48,6 +51,8 @@ class Checkpointer:
             try:
                 state = self._manager.restore(step, args=ocp.args.StandardRestore(template))
             except Exception as e:  # orbax raises many types for damaged files.
+                if template is None:
+                    raise  # Without a template a topology mismatch looks the same: no fallback.
                 logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); trying"
                                 " the one before.", step, self._manager.directory,
                                 type(e).__name__, str(e).splitlines()[0][:200])

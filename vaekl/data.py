@@ -37,6 +37,7 @@ import dataclasses
 import operator
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -95,9 +96,45 @@ class Dataset:
         return self.x.shape[0]
 
 
+_IMAGE_SIZE = 28  # Every tfds data set here comes out as 28x28x1 images.
+_READ_CHUNK = 4096  # Examples decoded at a time: bounds memory for omniglot.
+
+
+def _grey_levels(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, 28, 28, 1] grey levels 0..255 -> float32 [n, 784] in [0, 1]."""
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def _bits(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, 28, 28, 1] of 0/1 -> float32 [n, 784] of 0/1."""
+    return images.reshape(len(images), -1).astype(np.float32)
+
+
+def _omniglot_ink(images: np.ndarray) -> np.ndarray:
+    """Omniglot uint8 [n, H, W, 3], black ink on white -> ink in [0, 1], float32 [n, 784].
+
+    Each image is area-downsampled to 28x28: an output pixel is the mean ink
+    over the part of the input that it covers (exactly, fractional pixels
+    included).
+    """
+    ink = 1.0 - images[..., 0].astype(np.float32) / 255.0
+    rows = _area_matrix(ink.shape[1], _IMAGE_SIZE)
+    cols = _area_matrix(ink.shape[2], _IMAGE_SIZE)
+    return (rows @ ink @ cols.T).reshape(len(images), _IMAGE_SIZE**2)
+
+
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of area-averaging n_in pixels into n_out; rows sum to 1."""
+    edges = np.linspace(0.0, n_in, n_out + 1)  # Output cell edges, in input pixels.
+    left = np.arange(n_in)
+    overlap = np.minimum(edges[1:, None], left + 1) - np.maximum(edges[:-1, None], left)
+    return (np.clip(overlap, 0.0, None) * (n_out / n_in)).astype(np.float32)
+
+
 class _TfdsSpec(NamedTuple):
     splits: tuple[str, ...]
-    dynamic: bool  # Grey levels: binarised dynamically (train) or once (others).
+    to_x: Callable[[np.ndarray], np.ndarray]  # uint8 images [n, ...] -> float32 [n, 784].
+    grey: bool  # Grey levels: binarised dynamically (train) or once (others).
     manual_dir: str  # A --manual_dir for the prepare command.
     manual_files: str  # What that folder must hold.
 
@@ -109,20 +146,21 @@ _MNIST_FILES = (
 _TFDS = {
     "binarized_mnist": _TfdsSpec(
         ("train", "validation", "test"),
+        _bits,
         False,
         "../shared/data/binarized_mnist",
         "binarized_mnist_{train,valid,test}.amat, or binarized_mnist.npz and write_amat.py",
     ),
-    "mnist": _TfdsSpec(("train", "test"), True, "../shared/data/mnist", _MNIST_FILES),
-    "fashion_mnist": _TfdsSpec(("train", "test"), True, "MANUAL_DIR", _MNIST_FILES),
+    "mnist": _TfdsSpec(("train", "test"), _grey_levels, True, "../shared/data/mnist", _MNIST_FILES),
+    "fashion_mnist": _TfdsSpec(("train", "test"), _grey_levels, True, "MANUAL_DIR", _MNIST_FILES),
     "omniglot": _TfdsSpec(
         ("train", "test", "small1", "small2"),
+        _omniglot_ink,
         True,
         "MANUAL_DIR",
         "images_background.zip, images_evaluation.zip, images_background_small{1,2}.zip",
     ),
 }
-_IMAGE_SHAPE = (28, 28, 1)
 _EMBEDDED_SPLITS = ("train", "test")
 _OPTIONS = {
     "linear_gaussian": (
@@ -285,9 +323,9 @@ def prepare_command(name: str, data_dir: str | os.PathLike | None = None) -> str
 def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
     import tensorflow_datasets as tfds  # Lazy: heavy, and only for these data sets.
 
+    spec = _TFDS[name]
     version = tfds.builder_cls(name).VERSION
     if not (data_dir / name / str(version) / "dataset_info.json").is_file():
-        spec = _TFDS[name]
         raise UnpreparedDatasetError(
             f"tfds data set {name!r} (version {version}) is not prepared in "
             f"data_dir {str(data_dir)!r}, and it is never downloaded. Prepare it "
@@ -296,37 +334,15 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
             f"where --manual_dir holds {spec.manual_files}."
         )
     source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
-    # One batched read (array_record's __getitems__) is ~2x faster than a loop.
-    examples = source.__getitems__(range(len(source)))
-    images = np.stack([example["image"] for example in examples])
-    labels = (
-        np.array([example["label"] for example in examples], dtype=np.int64)
-        if "label" in examples[0]
-        else None
-    )
-    if name == "binarized_mnist":
-        x = images.reshape(len(images), -1).astype(np.float32)
-    elif name == "omniglot":
-        x = _omniglot_ink(images, _IMAGE_SHAPE[0])
-    else:
-        x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return _binarized_dataset(name, split, x, _IMAGE_SHAPE, labels, _TFDS[name].dynamic, seed)
-
-
-def _omniglot_ink(images: np.ndarray, size: int) -> np.ndarray:
-    """Omniglot [N, H, W, 3] uint8 (black ink on white) to ink in [0, 1], [N, size*size].
-
-    Each image is box-downsampled (area averaged), so a pixel's value is the
-    fraction of its area covered by ink.
-    """
-    from PIL import Image  # Lazy: only omniglot needs it.
-
-    ink = 1.0 - images[..., 0].astype(np.float32) / 255.0
-    small = [
-        np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX))
-        for image in ink
-    ]
-    return np.clip(np.stack(small), 0.0, 1.0).reshape(len(images), size * size)
+    xs, labels = [], []
+    for start in range(0, len(source), _READ_CHUNK):
+        # One batched read (array_record's __getitems__) is ~2x faster than a loop.
+        examples = source.__getitems__(range(start, min(start + _READ_CHUNK, len(source))))
+        xs.append(spec.to_x(np.stack([example["image"] for example in examples])))
+        labels.extend(example.get("label") for example in examples)
+    labels = np.array(labels, dtype=np.int64) if labels[0] is not None else None
+    shape = (_IMAGE_SIZE, _IMAGE_SIZE, 1)
+    return _binarized_dataset(name, split, np.concatenate(xs), shape, labels, spec.grey, seed)
 
 
 def _load_digits(split: str, seed: int) -> Dataset:

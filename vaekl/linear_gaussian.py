@@ -82,8 +82,7 @@ def make_model(
     """
     if obs_dim < 1 or latent_dim < 1:
         raise ValueError(
-            f"obs_dim and latent_dim must be >= 1, got obs_dim={obs_dim}, "
-            f"latent_dim={latent_dim}"
+            f"obs_dim and latent_dim must be >= 1, got obs_dim={obs_dim}, latent_dim={latent_dim}"
         )
     if not noise_std > 0:
         raise ValueError(f"noise_std must be > 0, got {noise_std}")

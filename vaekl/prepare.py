@@ -76,9 +76,9 @@ def prepare(
         tmp = Path(tmp)
         if name == "binarized_mnist" and (manual_dir / _AMAT_SOURCE).is_file():
             manual_dir = _write_amat(manual_dir, tmp / "amat")
-        wanted = sorted({info.filename for info in builder.url_infos.values()})
+        wanted = sorted({info.filename for info in (builder.url_infos or {}).values()})
         missing = [f for f in wanted if not (manual_dir / f).is_file()]
-        if missing:
+        if missing or not wanted:
             raise MissingManualFilesError(
                 f"manual_dir {str(manual_dir)!r} lacks {missing} for {name!r}; "
                 "they would be downloaded, which this command never does"

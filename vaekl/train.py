@@ -135,7 +135,7 @@ def make_epoch_fn(model, config, tx, train_x, *, steps_per_epoch: int, binarize:
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if skip_bad:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new,
@@ -224,8 +224,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     steps_per_epoch = len(train_data) // config.batch_size
     total_steps = config.num_epochs * steps_per_epoch
     tx = create_optimizer(config, steps_per_epoch)
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices) if len(devices) > 1 \
-        else None
+    mesh = None
+    if len(devices) > 1:
+        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                             axis_types=(jax.sharding.AxisType.Auto,))
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     train_x = jax.device_put(train_data.x, replicated)
     num_seeds = config.num_seeds
@@ -260,6 +262,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_wall = workdir_lib.read_train_wall(work)
     first_epoch = step // steps_per_epoch
     progress = workdir_lib.Progress(total_steps, first_step=step)
+    last_save = time.time()
     for epoch in range(first_epoch, config.num_epochs):
         t0 = time.time()
         state, metrics = epoch_step(state, keys, epoch)
@@ -273,9 +276,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 and epoch + 1 < config.num_epochs:
             metrics_log.write(step, "eval", evaluator.summary(
                 state.params, importance_samples=config.eval_importance_samples_during))
-        if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+        every = config.checkpoint_every_epochs
+        if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
+                or time.time() - last_save >= config.checkpoint_every_secs:
             ckpt.save(step, state)
             workdir_lib.write_train_wall(work, train_wall)
+            last_save = time.time()
         progress.report(step, metrics)
     ckpt.close()
 

@@ -63,7 +63,10 @@ def get_config(arg=None):
     c.eval_chunk_size = 100
     c.eval_every_epochs = 0
     c.log_every_steps = 50
-    c.checkpoint_every_epochs = 1
+    # A checkpoint every so many epochs (0: off), or once this many seconds have
+    # passed since the last, and always after the last epoch.
+    c.checkpoint_every_epochs = 0
+    c.checkpoint_every_secs = 30.0
     c.keep_checkpoints = 2
 
     if arg == "quick":
@@ -83,7 +86,7 @@ def get_config(arg=None):
     elif arg == "linear":
         c.dataset = "linear_gaussian"
         c.latents, c.hidden = 5, ()
-        c.batch_size, c.num_epochs, c.learning_rate = 100, 100, 3e-3
+        c.batch_size, c.num_epochs, c.learning_rate, c.schedule = 100, 300, 1e-2, "cosine"
     elif arg:
         raise ValueError(f"train config: unknown preset {arg!r}; expected quick, flax, iwae,"
                          " linear or none.")

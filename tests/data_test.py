@@ -1,0 +1,370 @@
+"""Tests of vaekl.data, vaekl.linear_gaussian and vaekl.prepare."""
+
+import gzip
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from vaekl import data, linear_gaussian, prepare
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+needs_tensorflow = pytest.mark.skipif(
+    not HAS_TENSORFLOW, reason="preparing a tfds data set needs TensorFlow (tensorflow-cpu)"
+)
+
+
+def _shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+def _sorted_rows(images: np.ndarray) -> list[bytes]:
+    """The rows of a uint8 [N, ...] array as a sorted list (order-free comparison)."""
+    return sorted(map(bytes, images.reshape(len(images), -1)))
+
+
+# ---------------------------------------------------------------- import cost
+
+
+def test_import_does_not_load_tensorflow():
+    code = (
+        "import sys, vaekl.data, vaekl.prepare; "
+        "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- embedded data
+
+
+@pytest.mark.parametrize(
+    "name, split, size, shape, likelihood",
+    [
+        ("digits", "train", 1497, (8, 8, 1), data.BERNOULLI),
+        ("digits", "test", 300, (8, 8, 1), data.BERNOULLI),
+        ("linear_gaussian", "train", 5000, (20,), data.GAUSSIAN),
+        ("linear_gaussian", "test", 1000, (20,), data.GAUSSIAN),
+    ],
+)
+def test_embedded_metadata_and_shapes(name, split, size, shape, likelihood):
+    ds = data.load(name, split)
+    assert (ds.name, ds.split, ds.likelihood, ds.shape) == (name, split, likelihood, shape)
+    assert ds.x.shape == (size, int(np.prod(shape)))
+    assert ds.x.dtype == np.float32
+    assert len(ds) == size and ds.dim == int(np.prod(shape))
+    assert np.all(np.isfinite(ds.x))
+    assert not ds.x.flags.writeable
+
+
+def test_digits_split_covers_sklearn_digits_once():
+    from sklearn.datasets import load_digits
+
+    train, test = data.load("digits", "train"), data.load("digits", "test")
+    assert train.dynamic_binarization and not test.dynamic_binarization
+    assert 0.0 <= train.x.min() and train.x.max() <= 1.0
+    # The train intensities are sklearn's rows / 16; test + train labels are all of them.
+    reference = load_digits()
+    assert set(map(bytes, train.x)) <= set(map(bytes, reference.data.astype(np.float32) / 16))
+    labels = np.concatenate([train.labels, test.labels])
+    np.testing.assert_array_equal(np.bincount(labels), np.bincount(reference.target))
+
+
+def test_fixed_test_binarisation_is_fixed_and_seeded():
+    first, again = data.load("digits", "test"), data.load("digits", "test")
+    np.testing.assert_array_equal(first.x, again.x)
+    assert set(np.unique(first.x)) == {0.0, 1.0}
+    other_seed = data.load("digits", "test", seed=1)
+    assert not np.array_equal(first.x, other_seed.x)
+    # Evaluation sees the same bits in every epoch.
+    np.testing.assert_array_equal(data.epoch_examples(first, seed=0, epoch=3), first.x)
+
+
+def test_dynamic_binarisation_is_bernoulli_of_intensity():
+    ds = data.load("digits", "train")
+    epochs = np.stack([data.epoch_examples(ds, seed=0, epoch=e) for e in range(200)])
+    assert set(np.unique(epochs)) == {0.0, 1.0}
+    assert epochs.dtype == np.float32
+    # Pixels at 0 or 1 intensity are deterministic; the others are redrawn.
+    assert np.all(epochs[:, ds.x == 0.0] == 0.0) and np.all(epochs[:, ds.x == 1.0] == 1.0)
+    assert abs(epochs.mean() - ds.x.mean()) < 2e-3
+    # Per pixel, 200 draws: standard error <= 0.5 / sqrt(200) = 0.035.
+    assert np.abs(epochs.mean(axis=0) - ds.x).max() < 0.25
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+@pytest.mark.parametrize("name", ["digits", "linear_gaussian"])
+def test_epoch_batches_deterministic_from_seed_and_epoch(name):
+    ds = data.load(name, "train")
+    batches = data.epoch_batches(ds, 64, seed=3, epoch=5)
+    count = len(ds) // 64
+    assert batches.shape == (count, 64, ds.dim) and batches.dtype == np.float32
+    assert data.num_batches(ds, 64) == count
+    np.testing.assert_array_equal(batches, data.epoch_batches(ds, 64, seed=3, epoch=5))
+    assert not np.array_equal(batches, data.epoch_batches(ds, 64, seed=3, epoch=6))
+    assert not np.array_equal(batches, data.epoch_batches(ds, 64, seed=4, epoch=5))
+
+
+def test_epoch_batches_are_a_shuffle_of_distinct_examples():
+    ds = data.load("linear_gaussian", "train")  # Real-valued: rows are distinct.
+    index = {bytes(row): i for i, row in enumerate(ds.x)}
+    rows = data.epoch_batches(ds, 300, seed=1, epoch=2).reshape(-1, ds.dim)
+    order = [index[bytes(row)] for row in rows]
+    assert len(order) == 4800 and len(set(order)) == 4800  # 200 dropped.
+    assert order != sorted(order)
+
+
+def test_epoch_batches_of_binarised_data_come_from_epoch_examples():
+    ds = data.load("digits", "train")
+    examples = data.epoch_examples(ds, seed=1, epoch=2)
+    batches = data.epoch_batches(ds, 100, seed=1, epoch=2)
+    # The shuffle depends on (seed, epoch, N) only: read it off a data set of row ids.
+    ids = data.Dataset(
+        name="ids",
+        split="train",
+        x=np.arange(len(ds), dtype=np.float32)[:, None],
+        likelihood=data.GAUSSIAN,
+        shape=(1,),
+    )
+    order = data.epoch_batches(ids, 100, seed=1, epoch=2).ravel().astype(int)
+    np.testing.assert_array_equal(batches.reshape(-1, ds.dim), examples[order])
+
+
+def test_linear_gaussian_data_matches_its_model():
+    train, test = data.load("linear_gaussian", "train"), data.load("linear_gaussian", "test")
+    model = train.model
+    assert model.w.shape == (20, 5) and model.b.shape == (20,) and model.noise_std == 0.5
+    np.testing.assert_array_equal(model.w, test.model.w)
+    np.testing.assert_array_equal(model.w, linear_gaussian.make_model().w)
+    assert not np.array_equal(train.x[:1000], test.x)
+    cov = np.asarray(linear_gaussian.marginal_cov(model))
+    mean_error = np.sqrt(cov.diagonal().max() / 5000)  # Standard error of the sample mean.
+    np.testing.assert_allclose(train.x.mean(0), model.b, atol=5 * mean_error)
+    np.testing.assert_allclose(np.cov(train.x.T), cov, atol=0.15 * cov.diagonal().max())
+    small = data.load("linear_gaussian", "test", obs_dim=3, latent_dim=2, num_test=7)
+    assert small.x.shape == (7, 3) and small.model.w.shape == (3, 2)
+
+
+# ---------------------------------------------------------------- linear-Gaussian maths
+
+
+@pytest.fixture(scope="module")
+def model_and_x():
+    model = linear_gaussian.make_model(obs_dim=6, latent_dim=3, noise_std=0.7, seed=2)
+    x, _ = linear_gaussian.sample(model, 50, np.random.default_rng(0))
+    return model, x
+
+
+def test_log_marginal_matches_scipy(model_and_x):
+    model, x = model_and_x
+    cov = model.w @ model.w.T + model.noise_std**2 * np.eye(model.obs_dim)
+    expected = scipy.stats.multivariate_normal(model.b, cov).logpdf(x)
+    got = np.asarray(linear_gaussian.log_marginal(model, x))
+    assert got.shape == (50,)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    # Batch dimensions are kept.
+    assert linear_gaussian.log_marginal(model, x.reshape(5, 10, 6)).shape == (5, 10)
+
+
+def test_posterior_matches_joint_gaussian_conditioning(model_and_x):
+    model, x = model_and_x
+    # Independently: (z, x) is jointly Gaussian with cov [[I, W^T], [W, W W^T + s^2 I]].
+    sxx = model.w @ model.w.T + model.noise_std**2 * np.eye(model.obs_dim)
+    gain = np.linalg.solve(sxx, model.w).T  # W^T Sxx^-1, [k, d].
+    mean = (x - model.b) @ gain.T
+    cov = np.eye(model.latent_dim) - gain @ model.w
+    post = linear_gaussian.posterior(model, x)
+    np.testing.assert_allclose(post.mean, mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(post.cov, cov, rtol=1e-4, atol=1e-5)
+    tril = np.asarray(post.scale_tril)
+    np.testing.assert_allclose(tril @ tril.T, cov, rtol=1e-4, atol=1e-5)
+    assert np.allclose(tril, np.tril(tril))
+
+
+def test_posterior_and_evidence_match_bayes_rule_on_a_grid():
+    model = linear_gaussian.make_model(obs_dim=1, latent_dim=1, noise_std=0.8, seed=5)
+    x = np.array([1.3])
+    z = np.linspace(-12.0, 12.0, 200_001)
+    dz = z[1] - z[0]
+    joint = scipy.stats.norm.pdf(z) * scipy.stats.norm.pdf(
+        x[0], model.w[0, 0] * z + model.b[0], model.noise_std
+    )
+    evidence = joint.sum() * dz
+    mean = (z * joint).sum() * dz / evidence
+    var = ((z - mean) ** 2 * joint).sum() * dz / evidence
+    post = linear_gaussian.posterior(model, x)
+    np.testing.assert_allclose(float(post.mean[0]), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(post.cov[0, 0]), var, rtol=1e-4)
+    log_evidence = float(linear_gaussian.log_marginal(model, x))
+    np.testing.assert_allclose(log_evidence, np.log(evidence), atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match="name must be one of .*'digits'.*got 'mnsit'"):
+        data.load("mnsit")
+
+
+def test_bad_split_names_the_splits():
+    expected = r"split \(of 'digits'\) must be one of \['train', 'test'\], got 'validation'"
+    with pytest.raises(ValueError, match=expected):
+        data.load("digits", "validation")
+
+
+@pytest.mark.parametrize("batch_size", [0, 1498])
+def test_bad_batch_size(batch_size):
+    ds = data.load("digits", "train")
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 1497\]"):
+        data.epoch_batches(ds, batch_size, seed=0, epoch=0)
+
+
+@pytest.mark.parametrize("arg", ["seed", "epoch"])
+def test_negative_seed_or_epoch(arg):
+    ds = data.load("digits", "train")
+    kwargs = {"seed": 0, "epoch": 0, arg: -1}
+    with pytest.raises(ValueError, match=f"{arg} must be an int >= 0"):
+        data.epoch_batches(ds, 10, **kwargs)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match=r"load\('digits'\) got unknown options \['obs_dim'\]"):
+        data.load("digits", obs_dim=3)
+    with pytest.raises(TypeError, match="unknown options.*takes.*latent_dim"):
+        data.load("linear_gaussian", latent=3)
+
+
+def test_frey_face_needs_an_existing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="frey_face needs path="):
+        data.load("frey_face")
+    with pytest.raises(FileNotFoundError, match="nothing.mat"):
+        data.load("frey_face", path=tmp_path / "nothing.mat")
+
+
+def test_unprepared_tfds_dataset_fails_at_once(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(data.UnpreparedDatasetError) as info:
+        data.load("mnist", "train", data_dir=tmp_path)
+    assert time.monotonic() - start < 60  # Loose: a download attempt would hang ~200 s.
+    message = str(info.value)
+    assert "'mnist'" in message and str(tmp_path.resolve()) in message
+    command = (
+        "python -m vaekl.prepare --dataset=mnist --manual_dir=../shared/data/mnist "
+        f"--data_dir={tmp_path.resolve()}"
+    )
+    assert command in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+@needs_tensorflow
+def test_prepare_refuses_missing_manual_files(tmp_path):
+    with pytest.raises(prepare.MissingManualFilesError, match="train-images-idx3-ubyte.gz"):
+        prepare.prepare("fashion_mnist", manual_dir=tmp_path, data_dir=tmp_path / "tfds")
+
+
+def test_omniglot_ink_is_area_coverage():
+    white = np.full((1, 105, 105, 3), 255, np.uint8)
+    half = white.copy()
+    half[:, :, :52] = 0  # Left 52 columns inked: 52 / 105 of the area.
+    ink = data._omniglot_ink(np.concatenate([white, half]))
+    assert ink.shape == (2, 784) and ink.dtype == np.float32
+    assert np.all(ink[0] == 0.0)
+    np.testing.assert_allclose(ink[1].mean(), 52 / 105, atol=1e-5)
+
+
+# ---------------------------------------------------------------- Frey Face
+
+
+def test_frey_face_from_shared_file():
+    path = _shared("frey", "frey_rawface.mat")
+    train = data.load("frey_face", "train", path=path)
+    test = data.load("frey_face", "test", path=path)
+    assert (train.x.shape, test.x.shape) == ((1765, 560), (200, 560))
+    assert train.shape == (28, 20, 1) and train.likelihood == data.GAUSSIAN
+    both = np.concatenate([train.x, test.x])
+    assert 8 / 255 - 1e-6 <= both.min() and both.max() <= 238 / 255 + 1e-6
+    np.testing.assert_allclose(both.mean() * 255, 154.46, atol=0.01)
+    np.testing.assert_array_equal(test.x, data.load("frey_face", "test", path=path).x)
+
+
+# ---------------------------------------------------------------- tfds, prepared from local files
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tfds_dir):
+    if not HAS_TENSORFLOW:
+        pytest.skip("preparing a tfds data set needs TensorFlow (tensorflow-cpu)")
+    manual = _shared("mnist")
+    prepare.prepare("mnist", manual_dir=manual, data_dir=tfds_dir)
+    return tfds_dir
+
+
+@pytest.fixture(scope="module")
+def binarized_mnist_dir(tfds_dir):
+    if not HAS_TENSORFLOW:
+        pytest.skip("preparing a tfds data set needs TensorFlow (tensorflow-cpu)")
+    manual = _shared("binarized_mnist")
+    prepare.prepare("binarized_mnist", manual_dir=manual, data_dir=tfds_dir)
+    return tfds_dir
+
+
+def _idx(path: Path, offset: int) -> np.ndarray:
+    return np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=offset)
+
+
+def test_mnist_prepared_from_local_files(mnist_dir):
+    train = data.load("mnist", "train", data_dir=mnist_dir)
+    test = data.load("mnist", "test", data_dir=mnist_dir)
+    assert (train.x.shape, test.x.shape) == ((60000, 784), (10000, 784))
+    assert train.shape == (28, 28, 1) and train.likelihood == data.BERNOULLI
+    assert train.dynamic_binarization and not test.dynamic_binarization
+    np.testing.assert_allclose(train.x.mean(), 0.1307, atol=1e-4)
+    np.testing.assert_allclose(train.x.std(), 0.3081, atol=1e-4)
+    assert set(np.unique(test.x)) == {0.0, 1.0}
+    np.testing.assert_allclose(test.x.mean(), 0.1325, atol=2e-3)  # One Bernoulli draw.
+    counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    np.testing.assert_array_equal(np.bincount(train.labels), counts)
+    # tfds stores the examples shuffled: compare the images as a multiset.
+    raw = _idx(_shared("mnist", "train-images-idx3-ubyte.gz"), 16).reshape(60000, 784)
+    assert _sorted_rows(np.rint(train.x * 255).astype(np.uint8)) == _sorted_rows(raw)
+    batches = data.epoch_batches(train, 128, seed=0, epoch=0)
+    assert batches.shape == (468, 128, 784) and set(np.unique(batches[0])) == {0.0, 1.0}
+
+
+def test_prepare_command_line_is_a_no_op_when_prepared(mnist_dir, capsys):
+    argv = ["--dataset=mnist", f"--manual_dir={_shared('mnist')}", f"--data_dir={mnist_dir}"]
+    prepare.main(argv)
+    assert f"mnist is prepared in {mnist_dir}" in capsys.readouterr().out
+
+
+def test_binarized_mnist_prepared_from_local_files(binarized_mnist_dir):
+    npz = np.load(_shared("binarized_mnist", "binarized_mnist.npz"))
+    for split, key, size, mean in [
+        ("train", "train", 50000, 0.13056),
+        ("validation", "valid", 10000, 0.13113),
+        ("test", "test", 10000, 0.13251),
+    ]:
+        ds = data.load("binarized_mnist", split, data_dir=binarized_mnist_dir)
+        assert ds.x.shape == (size, 784) and ds.labels is None
+        assert not ds.dynamic_binarization and ds.likelihood == data.BERNOULLI
+        assert set(np.unique(ds.x)) == {0.0, 1.0}
+        np.testing.assert_allclose(ds.x.mean(), mean, atol=1e-5)
+        assert _sorted_rows(ds.x.astype(np.uint8)) == _sorted_rows(npz[key])

@@ -1,0 +1,165 @@
+"""End-to-end tests of `vaekl.train.train_and_evaluate` on the embedded data sets."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import train as train_config
+from vaekl import checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(preset="quick", **overrides):
+    config = train_config.get_config(preset)
+    config.eval_importance_samples = 20
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+def final_state(workdir, template=None) -> dict:
+    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
+    step, state = ckpt.restore_latest(template)
+    assert step is not None
+    return state
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_trees_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_quick_run_writes_the_workdir(tmp_path):
+    results = train.train_and_evaluate(make_config(num_epochs=2), str(tmp_path))
+    for name in ("config.json", "metrics.jsonl", "results.json", "reconstructions.png",
+                 "samples.png"):
+        assert (tmp_path / name).exists(), name
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    for field in ("test_elbo", "test_log_likelihood", "test_rate", "test_distortion",
+                  "active_units", "num_params", "steps", "train_wall_s"):
+        assert field in on_disk, field
+    assert on_disk == json.loads(json.dumps(results))
+    assert results["steps"] == 2 * results["steps_per_epoch"]
+    # Bounds: ELBO = -(rate + distortion) and IWAE >= ELBO (up to noise on 300 examples).
+    assert results["test_elbo"] == pytest.approx(
+        -(results["test_rate"] + results["test_distortion"]), rel=1e-5)
+    assert results["test_log_likelihood"] > results["test_elbo"] - 0.5
+    assert len(results["per_dim_kl"]) == 20
+    assert np.sum(results["per_dim_kl"]) == pytest.approx(results["test_rate"], rel=1e-4)
+    train_steps = [m["step"] for m in read_metrics(tmp_path) if m["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == results["steps"] - (
+        results["steps"] % 10)
+
+
+def test_the_epoch_compiles_once(tmp_path, caplog):
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(make_config(num_epochs=3), str(tmp_path))
+    compiles = [r for r in caplog.records if "Compiling jit(epoch_fn)" in r.getMessage()]
+    assert len(compiles) == 1
+
+
+def test_resume_gives_bitwise_equal_parameters(tmp_path):
+    full = make_config(num_epochs=4, checkpoint_every_epochs=1)
+    train.train_and_evaluate(full, str(tmp_path / "full"))
+    part = make_config(num_epochs=2, checkpoint_every_epochs=1)
+    train.train_and_evaluate(part, str(tmp_path / "resumed"))
+    results = train.train_and_evaluate(full, str(tmp_path / "resumed"))
+    assert_trees_equal(final_state(tmp_path / "full"), final_state(tmp_path / "resumed"))
+    full_results = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert results["test_elbo"] == full_results["test_elbo"]
+    steps = [m["step"] for m in read_metrics(tmp_path / "resumed") if m["split"] == "train"]
+    assert steps == [m["step"] for m in read_metrics(tmp_path / "full")
+                     if m["split"] == "train"]
+
+
+def test_vmapped_seeds_match_separate_runs(tmp_path):
+    vmapped = train.train_and_evaluate(make_config(num_epochs=2, num_seeds=2, seed=3),
+                                       str(tmp_path / "both"))
+    for s, seed in enumerate((3, 4)):
+        alone = train.train_and_evaluate(make_config(num_epochs=2, seed=seed),
+                                         str(tmp_path / f"seed{seed}"))
+        per_seed = vmapped["seeds"][s]
+        assert per_seed["seed"] == seed
+        for field in ("test_elbo", "test_rate", "test_log_likelihood"):
+            assert per_seed[field] == pytest.approx(alone[field], rel=1e-4, abs=1e-4), field
+        both = final_state(tmp_path / "both")["params"]
+        one = final_state(tmp_path / f"seed{seed}")["params"]
+        for x, y in zip(jax.tree.leaves(both), jax.tree.leaves(one)):
+            np.testing.assert_allclose(np.asarray(x)[s], np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def _run_subprocess(workdir, devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    code = ("import sys; from tests.train_test import make_config; from vaekl import train;"
+            " train.train_and_evaluate(make_config(num_epochs=2), sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(workdir)], check=True, cwd=REPO, env=env,
+                   capture_output=True, timeout=300)
+    return json.loads((Path(workdir) / "results.json").read_text())
+
+
+def test_four_devices_give_the_one_device_result(tmp_path):
+    one = _run_subprocess(tmp_path / "one", 1)
+    four = _run_subprocess(tmp_path / "four", 4)
+    assert (one["devices"], four["devices"]) == (1, 4)
+    for field in ("test_elbo", "test_rate", "test_distortion", "test_log_likelihood"):
+        assert four[field] == pytest.approx(one[field], rel=1e-4, abs=1e-4), field
+    one_state = final_state(tmp_path / "one")
+    # Restored onto this process's one device: the template carries the sharding.
+    four_state = final_state(tmp_path / "four", template=one_state)
+    for x, y in zip(jax.tree.leaves(one_state["params"]), jax.tree.leaves(four_state["params"])):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_gaussian_iwae_matches_the_exact_likelihood(tmp_path):
+    results = train.train_and_evaluate(train_config.get_config("linear"), str(tmp_path))
+    exact = results["test_model_log_likelihood"]  # log p_theta(x) of the trained model.
+    assert abs(results["test_log_likelihood"] - exact) < 0.05
+    assert results["test_elbo"] <= exact
+    # The trained model is also close to the one that generated the data.
+    assert abs(exact - results["exact_test_log_likelihood"]) < 0.1
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("kl", "k9", "config.kl"),
+    ("optimizer", "adamax", "config.optimizer"),
+    ("batch_size", 0, "config.batch_size"),
+    ("batch_size", 5000, "config.batch_size"),
+    ("num_samples", 0, "config.num_samples"),
+    ("latents", -2, "config.latents"),
+    ("learning_rate", 0.0, "config.learning_rate"),
+    ("hidden", (200, 0), "config.hidden"),
+    ("free_bits", 0.5, "config.free_bits"),  # with kl="k1", below
+    ("prior", "mixture", "config.kl"),  # with kl="analytic"
+    ("dataset", "cifar99", "name"),
+])
+def test_bad_config_is_refused_with_the_field_named(tmp_path, field, value, message):
+    config = make_config()
+    config[field] = value
+    if field == "free_bits":
+        config.kl = "k1"
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_different_config_does_not_overwrite_a_run(tmp_path):
+    train.train_and_evaluate(make_config(num_epochs=1), str(tmp_path))
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match="different config.*kl"):
+        train.train_and_evaluate(make_config(num_epochs=1, kl="k3"), str(tmp_path))
+    assert (tmp_path / "results.json").read_text() == before

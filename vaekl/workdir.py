@@ -93,7 +93,7 @@ def write_results(path: Path, results: dict) -> None:
 
 
 class MetricsLog:
-    """Appends JSON lines {"step", "split", scalars...} to metrics.jsonl.
+    """Appends JSON lines {"step", "split", "time" (Unix seconds), scalars...} to metrics.jsonl.
 
     On resume from a checkpoint at step S, lines after S (written by the
     interrupted process after its last checkpoint) are dropped first, so the
@@ -116,7 +116,8 @@ class MetricsLog:
             os.replace(tmp, path)
 
     def write(self, step: int, split: str, scalars: dict) -> None:
-        line = json.dumps({"step": int(step), "split": split, **scalars}, default=_jsonable)
+        line = json.dumps({"step": int(step), "split": split, "time": time.time(), **scalars},
+                          default=_jsonable)
         with open(self._path, "a") as f:
             f.write(line + "\n")
 

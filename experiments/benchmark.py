@@ -1,0 +1,339 @@
+"""vaekl against its peer and against the machine's own limits, in one process.
+
+  python -m experiments.benchmark --out=DIR [--quick] [--data_dir=TFDS_DIR]
+
+Writes DIR/benchmark.json and DIR/benchmark.md. Each timing is repeated
+(`--repeats`) and reported as min / median / max; ratios use medians and are
+> 1 when vaekl is faster, unless the key says otherwise. `--quick` shrinks every
+measurement (tests run it for correctness only; its numbers mean nothing).
+
+The model is the Flax example's: 784-500-20 ReLU MLP encoder and decoder,
+Bernoulli likelihood, analytic KL, batch 128, Adam 1e-3.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Output directory.")
+flags.DEFINE_bool("quick", False, "Tiny sizes: a correctness check, not a measurement.")
+flags.DEFINE_integer("repeats", 5, "Repeats of each timing.")
+flags.DEFINE_string("data_dir", None, "tfds data_dir with binarized_mnist prepared (for"
+                    " time_to_elbo_s); skipped when the data set is not prepared there.")
+flags.DEFINE_integer("iwae_images", 1000, "Test images for the IWAE-5000 measurement.")
+flags.DEFINE_bool("torch", True, "Measure the PyTorch peer (needs torch).")
+flags.mark_flag_as_required("out")
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, DIM, HIDDEN, LATENTS = 128, 784, 500, 20
+
+
+def _timeit(fn, repeats):
+    """Calls fn() `repeats` times; returns (min, median, max) seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[0], times[len(times) // 2], times[-1]
+
+
+def _stats(times, per=1):
+    lo, med, hi = (t / per for t in times)
+    return {"min": lo, "median": med, "max": hi}
+
+
+def _train_config(**overrides):
+    from experiments.configs import train as train_config
+
+    config = train_config.get_config("flax")
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+def _fake_binary_data(n, seed=0):
+    import numpy as np
+
+    return (np.random.default_rng(seed).random((n, DIM), dtype=np.float32) < 0.13).astype(
+        np.float32)
+
+
+def bench_vaekl_step(steps, repeats, num_seeds=1):
+    """Seconds per train step of vaekl's jitted epoch scan (all seeds together)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vaekl import train
+
+    config = _train_config(num_seeds=num_seeds)
+    model = train.models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
+    tx = train.create_optimizer(config, steps)
+    x = jnp.asarray(_fake_binary_data(steps * BATCH))
+    epoch_fn = train.make_epoch_fn(model, config, tx, x, steps_per_epoch=steps, binarize=False)
+
+    def init(keys):
+        params = model.init(keys["init"], x[:1], jnp.zeros((1, LATENTS)))
+        return train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    keys = [train.seed_keys(s) for s in range(num_seeds)]
+    if num_seeds > 1:
+        keys = jax.tree.map(lambda *k: jnp.stack(k), *keys)
+        init, epoch_fn = jax.vmap(init), jax.vmap(epoch_fn, in_axes=(0, 0, None))
+    else:
+        keys = keys[0]
+    state = jax.jit(init)(keys)
+    step = jax.jit(epoch_fn, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    state, _ = step(state, keys, 0)
+    jax.block_until_ready(state)
+    first_call = time.perf_counter() - t0
+    holder = [state]
+
+    def run():
+        holder[0], metrics = step(holder[0], keys, 1)
+        jax.block_until_ready(metrics)
+
+    times = _timeit(run, repeats)
+    # Compilation: the first call less one epoch's run time.
+    return _stats(times, steps), first_call - times[1]
+
+
+def bench_matmul_chain(repeats, steps):
+    """Seconds per step of a bare jitted chain of the step's matmuls (forward + backward)."""
+    import jax
+    import jax.numpy as jnp
+
+    k = jax.random.split(jax.random.key(0), 8)
+    w = [jax.random.normal(k[0], (DIM, HIDDEN)), jax.random.normal(k[1], (HIDDEN, 2 * LATENTS)),
+         jax.random.normal(k[2], (LATENTS, HIDDEN)), jax.random.normal(k[3], (HIDDEN, DIM))]
+    x = jax.random.normal(k[4], (steps, BATCH, DIM))
+    scale = 1e-3
+
+    def one(carry, xb):
+        # Forward: the four layers' matmuls.
+        h1 = xb @ w[0] + carry
+        o1 = h1 @ w[1]
+        z = o1[:, :LATENTS]
+        h2 = z @ w[2]
+        o2 = h2 @ w[3]
+        # Backward: for each layer the weight gradient X^T dY, and dX = dY W^T
+        # except at the input layer.
+        g4 = h2.T @ o2
+        d2 = o2 @ w[3].T
+        g3 = z.T @ d2
+        dz = d2 @ w[2].T
+        do1 = jnp.concatenate([dz, dz], axis=1)
+        g2 = h1.T @ do1
+        dh1 = do1 @ w[1].T
+        g1 = xb.T @ dh1
+        carry = scale * (g1.sum() + g2.sum() + g3.sum() + g4.sum())
+        return carry, None
+
+    f = jax.jit(lambda x: jax.lax.scan(one, jnp.zeros(()), x)[0])
+    f(x).block_until_ready()
+    flops = 2 * BATCH * (DIM * HIDDEN + HIDDEN * 2 * LATENTS + LATENTS * HIDDEN
+                         + HIDDEN * DIM) * 3 - 2 * BATCH * DIM * HIDDEN
+    return _stats(_timeit(lambda: f(x).block_until_ready(), repeats), steps), flops
+
+
+def bench_torch(steps, repeats, compiled):
+    """Seconds per step of the equivalent PyTorch training step (CPU, same threads)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+
+    class VAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e1, self.e2 = torch.nn.Linear(DIM, HIDDEN), torch.nn.Linear(HIDDEN, 2 * LATENTS)
+            self.d1, self.d2 = torch.nn.Linear(LATENTS, HIDDEN), torch.nn.Linear(HIDDEN, DIM)
+
+        def forward(self, x):
+            mean, log_var = self.e2(F.relu(self.e1(x))).chunk(2, dim=-1)
+            z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+            logits = self.d2(F.relu(self.d1(z)))
+            rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+            kl = 0.5 * torch.sum(mean.square() + torch.expm1(log_var) - log_var)
+            return (rec + kl) / x.shape[0]
+
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    data = torch.from_numpy(_fake_binary_data(steps * BATCH)).view(steps, BATCH, DIM)
+
+    def step(x):
+        opt.zero_grad(set_to_none=True)
+        loss = model(x)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if compiled:
+        step = torch.compile(step)
+    for i in range(3):
+        step(data[i])
+
+    def run():
+        for i in range(steps):
+            step(data[i])
+
+    return _stats(_timeit(run, repeats), steps)
+
+
+def bench_kl_bandwidth(repeats, rows):
+    """Per-sample analytic KL on [rows, 64] float32 against jnp.sum over the same arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    from vaekl import kl
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    mean = jax.random.normal(k1, (rows, 64))
+    log_var = jax.random.normal(k2, (rows, 64))
+    f_kl = jax.jit(kl.analytic)
+    f_sum = jax.jit(lambda a, b: jnp.sum(a, -1) + jnp.sum(b, -1))
+    for f in (f_kl, f_sum):
+        f(mean, log_var).block_until_ready()
+    t_kl = _timeit(lambda: f_kl(mean, log_var).block_until_ready(), repeats)
+    t_sum = _timeit(lambda: f_sum(mean, log_var).block_until_ready(), repeats)
+    gb = 2 * mean.size * 4 / 1e9
+    return {"kl_s": _stats(t_kl), "sum_s": _stats(t_sum), "kl_gb_per_s": gb / t_kl[1],
+            "sum_gb_per_s": gb / t_sum[1]}
+
+
+def bench_iwae(images, samples, repeats):
+    """IWAE-`samples` over `images` test-like images: seconds, and the model FLOPs done."""
+    import jax
+    import jax.numpy as jnp
+
+    from vaekl import evaluate, models, train
+
+    config = _train_config(eval_importance_samples=samples)
+    model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
+    data = type("Data", (), {"x": _fake_binary_data(images, 1), "model": None,
+                             "shape": (28, 28, 1), "dim": DIM,
+                             "__len__": lambda self: images})()
+    keys = train.seed_keys(0)
+    params = model.init(keys["init"], jnp.zeros((1, DIM)), jnp.zeros((1, LATENTS)))
+    ev = evaluate.Evaluator(model, config, data, keys, vmapped=False)
+    ev.summary(params, importance_samples=samples)  # Compile.
+    t = _timeit(lambda: ev.summary(params, importance_samples=samples), max(1, repeats // 2))
+    # Decoder forward per sample: 2*(20*500 + 500*784) FLOPs.
+    flops = images * samples * 2 * (LATENTS * HIDDEN + HIDDEN * DIM)
+    return _stats(t), flops, jax.devices()[0].platform
+
+
+def bench_import(repeats):
+    code = "import time; t = time.perf_counter(); import vaekl; print(time.perf_counter() - t)"
+    times = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             cwd=REPO, check=True)
+        times.append(float(out.stdout.strip()))
+    times.sort()
+    return _stats((times[0], times[len(times) // 2], times[-1]))
+
+
+def bench_time_to_elbo(data_dir, out, target=-103.6):
+    """Whole-process wall time of the Flax-example training until test ELBO >= target."""
+    workdir = Path(out) / "time_to_elbo_run"
+    cmd = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/train.py:flax",
+           f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.eval_every_epochs=1",
+           "--config.init=torch"]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    total = time.time() - t0
+    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["split"] == "eval"]
+    first = next((e for e in evals if e["test_elbo"] >= target), None)
+    return {"time_to_elbo_s": None if first is None else first["time"] - t0,
+            "elbo_after_10_epochs": evals[-1]["test_elbo"], "process_wall_s": total,
+            "target_elbo": target}
+
+
+def main(argv):
+    del argv
+    out = Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    quick, repeats = FLAGS.quick, 2 if FLAGS.quick else FLAGS.repeats
+    steps = 20 if quick else 390
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+           "cpu_count": os.cpu_count(), "quick": quick}
+    import jax
+
+    res["jax"] = jax.__version__
+    res["device"] = str(jax.devices()[0])
+    res["import_s"] = bench_import(repeats)
+    vaekl_step, res["compile_s"] = bench_vaekl_step(steps, repeats)
+    res["vaekl_step_s"] = vaekl_step
+    chain, flops = bench_matmul_chain(repeats, steps)
+    res["matmul_chain_step_s"] = chain
+    res["train_step_vs_matmul"] = chain["median"] / vaekl_step["median"]
+    res["step_gflop_per_s"] = flops / vaekl_step["median"] / 1e9
+    if FLAGS.torch:
+        import torch
+
+        res["torch"] = torch.__version__
+        res["torch_eager_step_s"] = bench_torch(steps, repeats, compiled=False)
+        res["torch_compile_step_s"] = bench_torch(steps, repeats, compiled=True)
+        res["train_step_vs_torch"] = res["torch_eager_step_s"]["median"] / vaekl_step["median"]
+        res["train_step_vs_torch_compile"] = (res["torch_compile_step_s"]["median"]
+                                              / vaekl_step["median"])
+    bw = bench_kl_bandwidth(repeats, 10_000 if quick else 1_000_000)
+    res["kl_bandwidth"] = bw
+    res["kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["kl_s"]["median"]
+    seeds8, _ = bench_vaekl_step(steps, repeats, num_seeds=8)
+    res["vaekl_step_8_seeds_s"] = seeds8
+    # Examples per second per seed x 8 against one seed's examples per second.
+    res["vmap8_vs_1"] = 8 * vaekl_step["median"] / seeds8["median"]
+    images, samples = (20, 50) if quick else (FLAGS.iwae_images, 5000)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    iwae_t, iwae_flops, _ = bench_iwae(images, samples, repeats)
+    res["iwae"] = {"images": images, "samples": samples, "seconds": iwae_t,
+                   "gflop_per_s": iwae_flops / iwae_t["median"] / 1e9}
+    res["iwae5000_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    res["peak_rss_gb_before_iwae"] = rss_before
+    res["matmul_gflop_per_s"] = flops / chain["median"] / 1e9
+    res["iwae5000_vs_matmul"] = res["iwae"]["gflop_per_s"] / res["matmul_gflop_per_s"]
+    if FLAGS.data_dir and not quick:
+        res.update(bench_time_to_elbo(FLAGS.data_dir, out))
+    (out / "benchmark.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "benchmark.md").write_text(_markdown(res))
+    print(_markdown(res))
+
+
+def _markdown(res):
+    keys = ("train_step_vs_torch", "train_step_vs_torch_compile", "train_step_vs_matmul",
+            "kl_vs_sum_bandwidth", "iwae5000_peak_rss_gb", "iwae5000_vs_matmul", "vmap8_vs_1",
+            "time_to_elbo_s", "elbo_after_10_epochs")
+    lines = [f"# vaekl benchmark ({res['date']}, {res['machine']}, {res['cpu_count']} CPUs,"
+             f" {res['device']})", "", "| key | value |", "|---|---|"]
+    for k in keys:
+        if k in res:
+            v = res[k]
+            lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines.append(f"| import_s (median) | {res['import_s']['median']:.3f} |")
+    lines.append(f"| compile_s | {res['compile_s']:.3f} |")
+    for k in ("vaekl_step_s", "matmul_chain_step_s", "torch_eager_step_s", "torch_compile_step_s",
+              "vaekl_step_8_seeds_s"):
+        if k in res:
+            s = res[k]
+            lines.append(f"| {k} min/median/max (ms) | {1e3 * s['min']:.2f} /"
+                         f" {1e3 * s['median']:.2f} / {1e3 * s['max']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app.run(main)

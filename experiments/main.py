@@ -10,6 +10,7 @@ The config's `experiment` field names what runs: "train" calls
 import importlib
 import logging as py_logging
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -53,7 +54,53 @@ def main(argv):
         # Bad input and divergence end the run with their message, not a traceback.
         logging.error("%s: %s", type(e).__name__, e)
         sys.exit(f"error: {e}")
+    except (KeyError, AttributeError) as e:
+        # A config made for another experiment: a field lookup failed in ml_collections.
+        if "ml_collections" not in traceback.extract_tb(e.__traceback__)[-1].filename:
+            raise
+        field = str(e).strip("\"'").splitlines()[0].strip("'")
+        message = (f"--config: the config has no field {field!r}, which experiment"
+                   f" {FLAGS.config.get('experiment')!r} needs; use that experiment's config"
+                   " file from experiments/configs/.")
+        logging.error(message)
+        sys.exit(f"error: {message}")
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, but a bad --config ends in one clear line, never a traceback.
+
+    An unknown field (--config.no_such_field=1), a config file that is missing
+    or raises (an unknown preset), and an unparsable value exit with status 1
+    and a message that names the flag.
+    """
+    try:
+        args = FLAGS(argv)
+        # A config file that failed to load raises only when first read.
+        getattr(FLAGS.config, "experiment", None)
+        return args
+    except flags.Error as e:
+        message = str(e)
+        if "Traceback (most recent call last)" in message:  # ml_collections embeds one.
+            lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+            message = f"{lines[0]} {lines[-1]}"
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of no field.
+        chain = [e]
+        while chain[-1].__context__ is not None:
+            chain.append(chain[-1].__context__)
+        key = next((c.args[0] for c in reversed(chain)
+                    if isinstance(c, KeyError) and c.args), str(e))
+        hint = next((ln for c in chain for ln in str(c.args[0] if c.args else "").splitlines()
+                     if ln.startswith("Did you mean")), "")
+        named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                 and str(key) in a.split("=")[0][len("--config."):].split(".")]
+        message = (f"flag {named[0] if named else '--config'}: the config has no field"
+                   f" {key!r}. {hint}").strip()
+    except OSError as e:  # The config file is missing or unreadable.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        message = f"flag --config: cannot load the config file: {lines[-1]}"
+    sys.exit(f"FATAL Flags parsing error: {message}\n"
+             "Pass --helpshort or --helpfull to see help on flags.")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,1 @@
+"""Batch sweeps of experiments.main on local processes and Slurm; see launch/README.md."""

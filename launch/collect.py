@@ -1,0 +1,282 @@
+"""Collects the results of a sweep into a CSV, a markdown summary and a plot.
+
+  python -m launch.collect --root=runs/smoke
+  python -m launch.collect --root=runs/compare --group_by=kl,num_samples --metric=test_elbo
+
+Every run under --root with a results.json becomes one row of ROOT/results.csv: its
+name (`run`), its swept fields (from launch.json; their values from config.json when
+the run wrote one), its scalar results, and the other scalar fields of config.json as
+`config.FIELD`. A results.json with a `rows` list (the estimators experiment) gives
+one CSV row per element, numbered in `row`.
+
+ROOT/summary.md groups the rows by --group_by (default: every swept field but `seed`,
+and `row` where there are rows) and gives each result column as mean ± std (sample
+std) over the runs of a group, or the one value where they all agree.
+ROOT/summary.png plots --metric (default `test_elbo` where present, else the first
+numeric result column) per group, with the std as error bars.
+"""
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("root", None, "The sweep's root directory (as given to launch.sweep).")
+flags.DEFINE_list("group_by", None, "Columns to group by (default: swept fields but seed).")
+flags.DEFINE_string("metric", None, "The column to plot (default: test_elbo where present).")
+flags.mark_flags_as_required(["root"])
+
+SEED = "seed"
+DEFAULT_METRIC = "test_elbo"
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts to dotted keys; lists to tuples (hashable, and printed like the flags)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return flat
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def find_runs(root: Path) -> tuple[list[Path], list[Path]]:
+    """(finished, unfinished) run directories under `root`, sorted by name.
+
+    A run directory is a non-hidden subdirectory with results.json (finished), or with
+    launch.json or config.json but no results.json yet (unfinished).
+    """
+    finished, unfinished = [], []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (path / "results.json").exists():
+            finished.append(path)
+        elif (path / "launch.json").exists() or (path / "config.json").exists():
+            unfinished.append(path)
+    return finished, unfinished
+
+
+def run_rows(path: Path, swept: Sequence[str]) -> list[dict]:
+    """The CSV rows of one finished run (one, or one per element of results' `rows`)."""
+    record = _read(path / "launch.json") or {}
+    config = _flatten(_read(path / "config.json") or {})
+    overrides = _flatten(record.get("overrides", {}))
+    base = {"run": path.name}
+    for field in swept:
+        base[field] = config.get(field, overrides.get(field))
+    results = _read(path / "results.json")
+    scalars = {k: v for k, v in results.items() if k != "rows"}
+    config_cols = {f"config.{k}": v for k, v in config.items() if k not in swept}
+    if isinstance(results.get("rows"), list):
+        return [{**base, "row": i, **_results(scalars, base), **_results(r, base), **config_cols}
+                for i, r in enumerate(results["rows"])]
+    return [{**base, **_results(scalars, base), **config_cols}]
+
+
+def _results(values: dict, base: dict) -> dict:
+    """Scalar results. One that repeats a run column is left out where it has the same value,
+    and kept as `result.KEY` where it differs."""
+    return {(f"result.{k}" if k in base else k): v for k, v in values.items()
+            if _is_scalar(v) and not (k in base and base[k] == v)}
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    columns = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    ordered = [c for c in columns if not c.startswith("config.")]
+    return ordered + [c for c in columns if c.startswith("config.")]
+
+
+def write_csv(rows: Sequence[dict], columns: Sequence[str], path: Path) -> None:
+    """Writes `rows` as CSV; tuples as Python literals, None as an empty cell."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def _sort_key(value: Any):
+    return (0, value, "") if _is_number(value) else (1, 0, str(value))
+
+
+def group(rows: Sequence[dict], by: Sequence[str]) -> list[tuple[tuple, list[dict]]]:
+    """Rows grouped by the values of the columns `by`, groups sorted by those values."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(c) for c in by), []).append(row)
+    return sorted(groups.items(), key=lambda kv: [_sort_key(v) for v in kv[0]])
+
+
+def fmt(x: Any) -> str:
+    """A table cell: floats to 4 significant digits, None as empty."""
+    if x is None:
+        return ""
+    if isinstance(x, float) and math.isfinite(x):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def aggregate(values: Sequence[Any]) -> str:
+    """One summary cell: the value where all agree, mean ± std of numbers, else `(varies)`."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if all(v == values[0] for v in values):
+        return fmt(values[0])
+    if all(_is_number(v) for v in values):
+        return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
+    return "(varies)"
+
+
+def mean_std(values: Sequence[Any]) -> tuple[float, float]:
+    """Mean and sample std of the numbers in `values` (std 0 for fewer than two)."""
+    numbers = [float(v) for v in values if _is_number(v)]
+    if not numbers:
+        return math.nan, math.nan
+    return statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+
+
+def summary_markdown(root: Path, groups, by: Sequence[str], result_columns: Sequence[str],
+                     seeds: Sequence[Any], num_unfinished: int) -> str:
+    """The summary: what was averaged, the results common to all runs, a row per group."""
+    rows = [r for _, group_rows in groups for r in group_rows]
+    num_runs = len({r["run"] for r in rows})
+    common = {c: rows[0].get(c) for c in result_columns
+              if all(r.get(c) == rows[0].get(c) for r in rows)}
+    over = f"seeds {', '.join(fmt(s) for s in seeds)}" if seeds else "runs"
+    intro = (f"{num_runs} finished runs ({num_unfinished} not finished). Grouped by"
+             f" {', '.join(f'`{c}`' for c in by) or 'nothing'}; each cell is mean ± std"
+             f" (sample std) over the `runs` of its group ({over}), or the value where they"
+             " all agree.")
+    lines = [f"# Sweep summary: {root}", "", intro, ""]
+    if common:
+        lines += ["The same in every run: " + ", ".join(f"{c} = {fmt(v)}"
+                                                         for c, v in common.items()) + ".", ""]
+    columns = [*by, "runs", *(c for c in result_columns if c not in common)]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for key, group_rows in groups:
+        cells = [fmt(v) for v in key] + [str(len({r["run"] for r in group_rows}))]
+        cells += [aggregate([r.get(c) for r in group_rows]) for c in columns[len(by) + 1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups, by: Sequence[str], metric: str, path: Path) -> None:
+    """A point per group with ± std error bars of `metric`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(f"{c}={fmt(v)}" for c, v in zip(by, key)) or "all" for key, _ in groups]
+    stats = [mean_std([r.get(metric) for r in rows]) for _, rows in groups]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(groups) + 1)))
+    ax.errorbar([m for m, _ in stats], range(len(groups)), xerr=[s for _, s in stats], fmt="o",
+                capsize=3)
+    ax.set_yticks(range(len(groups)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (mean ± std)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _swept_fields(paths: Sequence[Path]) -> list[str]:
+    fields = {}
+    for path in paths:
+        overrides = (_read(path / "launch.json") or {}).get("overrides", {})
+        fields.update(dict.fromkeys(sorted(overrides)))
+    return list(fields)
+
+
+def _check_columns(flag: str, names: Sequence[str], columns: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        raise ValueError(f"--{flag}: unknown column(s) {unknown}; expected one of"
+                         f" {', '.join(c for c in columns if c != 'run')}.")
+
+
+def collect(root: Path, group_by: Sequence[str] | None = None,
+            metric: str | None = None) -> dict[str, Path]:
+    """Writes ROOT/results.csv, ROOT/summary.md and ROOT/summary.png.
+
+    Args:
+      root: the sweep's root directory.
+      group_by: columns to group by; None: the swept fields but `seed`, and `row` where
+        results have rows.
+      metric: the column to plot; None: `test_elbo` where present, else the first numeric
+        result column.
+
+    Returns:
+      {"csv": path, "summary": path, "plot": path}.
+
+    Raises:
+      ValueError: naming --root when it has no finished run, or --group_by / --metric
+        when they name no column.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--root: {str(root)!r} is not a directory.")
+    finished, unfinished = find_runs(root)
+    if not finished:
+        raise ValueError(f"--root: no run under {str(root)!r} has a results.json yet.")
+    swept = _swept_fields(finished)
+    rows = [row for path in finished for row in run_rows(path, swept)]
+    columns = _columns(rows)
+    if group_by is None:
+        group_by = [c for c in swept if c != SEED] + (["row"] if "row" in columns else [])
+    _check_columns("group_by", group_by, columns)
+    identity = {"run", "row", *swept, *group_by}
+    result_columns = [c for c in columns if c not in identity and not c.startswith("config.")]
+    numeric = [c for c in result_columns if any(_is_number(r.get(c)) for r in rows)]
+    metric = metric or (DEFAULT_METRIC if DEFAULT_METRIC in numeric else
+                        (numeric[0] if numeric else None))
+    if metric is None:
+        raise ValueError(f"--metric: the results under {str(root)!r} have no numeric column.")
+    _check_columns("metric", [metric], numeric)
+    groups = group(rows, group_by)
+    seeds = sorted({r[SEED] for r in rows if r.get(SEED) is not None and SEED not in group_by},
+                   key=_sort_key)
+    paths = {"csv": root / "results.csv", "summary": root / "summary.md",
+             "plot": root / "summary.png"}
+    write_csv(rows, columns, paths["csv"])
+    paths["summary"].write_text(summary_markdown(root, groups, group_by, result_columns, seeds,
+                                                 len(unfinished)))
+    plot(groups, group_by, metric, paths["plot"])
+    return paths
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        paths = collect(Path(FLAGS.root), FLAGS.group_by, FLAGS.metric)
+    except ValueError as e:
+        raise SystemExit(f"launch.collect: {e}") from None
+    print(paths["summary"].read_text())
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+
+
+if __name__ == "__main__":
+    app.run(main)

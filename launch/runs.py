@@ -1,0 +1,328 @@
+"""One run of a sweep: its command, its record (`launch.json`) and its state.
+
+Every run lives in `ROOT/NAME` and is `python -m experiments.main --config=CONFIG
+--workdir=ROOT/NAME --config.FIELD=VALUE ...`, started with the repository root as
+working directory. Whoever starts it (the local pool, or a Slurm job) uses `start`
+and `finish` here, so a run is the same process on either executor:
+
+  ROOT/NAME/log.txt        stdout and stderr of every attempt, each after a header line
+  ROOT/NAME/launch.json    the record: command, status, return code, times, host, pid, attempts
+  ROOT/NAME/submitted.json Slurm only: the job that will run it (cluster, job id, host)
+  ROOT/NAME/results.json   written by the experiment when it finishes
+
+The state of a run (`state`) follows from those files:
+
+  done         results.json exists
+  running      launch.json says running and its process is alive (pid on this host; on
+               another host, its Slurm job is in `squeue`)
+  queued       submitted to Slurm and the job is waiting in the queue
+  failed       the last attempt exited non-zero (or exited 0 without results.json)
+  interrupted  launch.json says running or submitted but nothing is alive: a killed
+               launcher, a cancelled or timed-out job; rerunning resumes it
+  pending      never started
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from launch import sweeps
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = socket.gethostname()
+
+DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, PENDING = (
+    "done", "running", "queued", "failed", "interrupted", "pending")
+STATES = (DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, PENDING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run: a config, its overrides, and the directory it writes to.
+
+    Attributes:
+      name: the run's directory name (`sweeps.run_name` of `overrides`).
+      workdir: absolute path of ROOT/NAME.
+      config: the config file with optional `:arg`, relative to the repository root.
+      overrides: the swept fields of this run.
+      fixed: overrides shared by every run of the sweep.
+    """
+
+    name: str
+    workdir: str
+    config: str
+    overrides: dict
+    fixed: dict
+
+    @property
+    def path(self) -> Path:
+        return Path(self.workdir)
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.txt"
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "launch.json"
+
+    @property
+    def submission_path(self) -> Path:
+        return self.path / "submitted.json"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def command(self) -> list[str]:
+        """The argv of the run: this Python, `-m experiments.main`, config, workdir, overrides."""
+        fields = {**self.fixed, **self.overrides}
+        return [sys.executable, "-m", "experiments.main", f"--config={self.config}",
+                f"--workdir={self.workdir}",
+                *(f"--config.{k}={sweeps.format_value(v)}" for k, v in fields.items())]
+
+
+def from_sweep(sweep: sweeps.Sweep, root: Path) -> list[Run]:
+    """The runs of `sweep`, each in `root/NAME` (an absolute path)."""
+    root = Path(root).resolve()
+    return [Run(name=name, workdir=str(root / name), config=sweep.config, overrides=overrides,
+                fixed=dict(sweep.fixed)) for name, overrides in sweep.named_runs()]
+
+
+def now() -> str:
+    """The local time as ISO 8601 with offset, to the second."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes `obj` as JSON atomically (a temp file renamed over `path`)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when there is no such file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def read_record(run: Run) -> dict | None:
+    """The run's launch.json, or None when it was never started."""
+    return read_json(run.record_path)
+
+
+def check_matches(run: Run) -> None:
+    """Checks that an existing record in the run's directory is of this same run.
+
+    Raises:
+      ValueError: naming `--root` when the directory holds a run of another config or
+        other overrides (two sweeps sharing one root and one run name).
+    """
+    record = read_record(run)
+    if record is None:
+        return
+    recorded = (record.get("config"), record.get("overrides"), record.get("fixed"))
+    expected = json.loads(json.dumps((run.config, run.overrides, run.fixed)))
+    if list(recorded) != expected:
+        raise ValueError(
+            f"--root: {run.workdir} holds a run of config {recorded[0]!r} with overrides"
+            f" {recorded[1]} and fixed {recorded[2]}, not {run.config!r} with {run.overrides}"
+            f" and {run.fixed}; use another --root for this sweep.")
+
+
+def _base_record(run: Run, status: str, **fields) -> dict:
+    previous = read_record(run) or {}
+    return dict(name=run.name, config=run.config, overrides=run.overrides, fixed=run.fixed,
+                command=run.command, log=str(run.log), status=status,
+                attempts=previous.get("attempts", 0), **fields)
+
+
+def start(run: Run, *, executor: str = "local", cluster: str | None = None,
+          job_id: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Starts one attempt of `run` as a subprocess; records it as running.
+
+    Args:
+      run: the run.
+      executor: "local" or "slurm", recorded in launch.json.
+      cluster: for Slurm jobs, submitit's cluster ("slurm" or "local").
+      job_id: for Slurm jobs, the job id.
+      env: the subprocess's environment; None: this process's.
+
+    Returns:
+      The process, writing to the run's log.txt.
+    """
+    run.path.mkdir(parents=True, exist_ok=True)
+    record = _base_record(run, RUNNING, start_time=now(), end_time=None, returncode=None,
+                          error=None, host=HOST, executor=executor, cluster=cluster,
+                          job_id=job_id)
+    record["attempts"] += 1
+    with open(run.log, "a") as log:
+        log.write(f"=== attempt {record['attempts']}, {record['start_time']} on {HOST}:"
+                  f" {shlex.join(run.command)}\n")
+        log.flush()
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+    record["pid"] = proc.pid
+    write_json(run.record_path, record)
+    return proc
+
+
+def finish(run: Run, proc: subprocess.Popen) -> str:
+    """Records the end of an attempt whose process has exited; returns "done" or "failed".
+
+    A run that exits 0 without writing results.json is failed. The log gets a last line
+    `=== done|failed at TIME: exit code N`.
+    """
+    returncode = proc.returncode
+    record = read_record(run)
+    error = None
+    if returncode != 0:
+        error = f"exit code {returncode}"
+    elif not run.results.exists():
+        error = "exit code 0 but no results.json"
+    record.update(status=FAILED if error else DONE, returncode=returncode, end_time=now(),
+                  error=error)
+    with open(run.log, "a") as log:
+        log.write(f"=== {record['status']} at {record['end_time']}: {error or 'exit code 0'}\n")
+    write_json(run.record_path, record)
+    return record["status"]
+
+
+def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
+    """Records that the launcher stopped `run`'s process (e.g. on Ctrl-C)."""
+    record = read_record(run)
+    record.update(status=INTERRUPTED, returncode=proc.returncode, end_time=now(),
+                  error="stopped by the launcher")
+    write_json(run.record_path, record)
+    with open(run.log, "a") as log:
+        log.write(f"=== interrupted at {record['end_time']}: stopped by the launcher\n")
+
+
+def execute(run: Run, *, executor: str, cluster: str | None, job_id: str | None) -> str:
+    """Runs one attempt of `run` to its end; returns "done" or "failed"."""
+    proc = start(run, executor=executor, cluster=cluster, job_id=job_id)
+    proc.wait()
+    return finish(run, proc)
+
+
+def mark_submitted(run: Run) -> None:
+    """Records that `run` is being submitted to Slurm (before its job exists)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.submission_path.unlink(missing_ok=True)
+    write_json(run.record_path, _base_record(run, "submitted", submit_time=now(), host=HOST,
+                                             executor="slurm"))
+
+
+def mark_submission_failed(run: Run, message: str) -> None:
+    """Records that submitting `run` failed (it was not queued; a rerun submits it again)."""
+    record = read_record(run)
+    record.update(status=INTERRUPTED, error=f"submission failed: {message}")
+    write_json(run.record_path, record)
+
+
+def record_submission(run: Run, *, cluster: str, job_id: str, folder: str) -> None:
+    """Records the job that will run `run` (submitted.json).
+
+    On submitit's local cluster the job id is the pid of the job's controller process,
+    whose command line names submitit's `folder`.
+    """
+    write_json(run.submission_path, {"cluster": cluster, "job_id": job_id, "folder": folder,
+                                     "host": HOST, "submit_time": now()})
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """A run's state (one of `STATES`) and a detail for listings (exit code, pid, job)."""
+
+    status: str
+    detail: str = ""
+
+
+def state(run: Run) -> State:
+    """The state of `run`, from its files and, for live ones, its process or Slurm job."""
+    if run.results.exists():
+        return State(DONE)
+    record = read_record(run)
+    if record is None:
+        return State(PENDING)
+    status = record["status"]
+    if status == FAILED:
+        return State(FAILED, record.get("error") or "")
+    if status == RUNNING:
+        return _running_state(run, record)
+    if status == "submitted":
+        return _submitted_state(run)
+    return State(INTERRUPTED, record.get("error") or f"last recorded status {status!r}")
+
+
+def _running_state(run: Run, record: dict) -> State:
+    where = f"pid {record['pid']} on {record['host']}"
+    if record.get("job_id"):
+        where += f", job {record['job_id']}"
+    if record["host"] == HOST:
+        alive = _pid_alive(record["pid"], run.workdir)
+    elif record.get("cluster") == "slurm":
+        alive = _slurm_job_active(record["job_id"])
+    else:
+        alive = None
+    if alive is False:
+        return State(INTERRUPTED, f"{where} is gone")
+    return State(RUNNING, where + (" (unverified)" if alive is None else ""))
+
+
+def _submitted_state(run: Run) -> State:
+    submission = read_json(run.submission_path)
+    if submission is None:
+        return State(INTERRUPTED, "its submission did not complete")
+    job = f"job {submission['job_id']}"
+    if submission["cluster"] == "slurm":
+        alive = _slurm_job_active(submission["job_id"])
+    elif submission["host"] == HOST:
+        alive = _pid_alive(int(submission["job_id"]), submission["folder"])
+    else:
+        alive = None
+    if alive is False:
+        return State(INTERRUPTED, f"{job} ended before the run started")
+    return State(QUEUED, job + (" (unverified)" if alive is None else ""))
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """Whether process `pid` exists and (where /proc shows it) its command line has `marker`.
+
+    The marker guards against a reused pid; a zombie has an empty command line.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return True
+    return marker in cmdline
+
+
+def _slurm_job_active(job_id: str) -> bool | None:
+    """Whether Slurm still lists the job (pending or running); None without `squeue`."""
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--format=%T", f"--jobs={job_id}"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return False if "Invalid job id" in out.stderr else None
+    return bool(out.stdout.strip())

@@ -1,0 +1,171 @@
+"""Runs a sweep: every run in its own workdir under --root, on local processes or Slurm.
+
+  python -m launch.sweep --sweep=smoke --root=runs/smoke --parallel=2
+  python -m launch.sweep --sweep=smoke --root=runs/smoke --status
+  python -m launch.sweep --sweep=smoke --root=runs/smoke --retry_failed
+  python -m launch.sweep --sweep=smoke --root=runs/smoke --dry_run
+  python -m launch.sweep --sweep=compare_training --root=runs/compare --executor=slurm \
+      --partition=gpu --time_min=120 --gpus=1 --cpus=8 --parallel=16 [--wait]
+  python -m launch.collect --root=runs/smoke
+
+--sweep is a name in `launch.sweeps.SWEEPS` (smoke, compare_training, latents,
+estimators_smoke) or FILE.py:NAME, a `launch.sweeps.Sweep` defined in a file. Run
+ROOT/NAME is `python -m experiments.main --config=CONFIG --workdir=ROOT/NAME
+--config.FIELD=VALUE ...` started in the repository root, with its output in
+ROOT/NAME/log.txt and its record in ROOT/NAME/launch.json (command, status, return
+code, start/end times, host, pid, attempts); see `launch.runs` for the states.
+
+Executors:
+  local   subprocesses, --parallel (default 1) at a time; returns when all have ended.
+  slurm   one job array through submitit (sbatch scripts and job logs in ROOT/.submitit),
+          --parallel array jobs at once (default: all); each job runs the same subprocess.
+          Returns after submitting, or with --wait when the jobs have ended.
+          --submitit_cluster=local runs the jobs through submitit's local executor instead.
+
+Rerunning the same command is safe: done runs (results.json) are skipped, running or
+queued ones are left alone, interrupted ones are started again (the experiment
+resumes from its checkpoints) and failed ones are listed and skipped unless
+--retry_failed. The command ends with the state of every run and exits 1 when any
+run is failed.
+
+Several hosts: under Slurm a multi-node run (`nodes` > 1 in submitit) starts with
+`jax.distributed.initialize()`, which reads the Slurm environment; see launch/README.md.
+"""
+
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import app, flags
+
+from launch import executors, sweeps
+from launch import runs as runs_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("sweep", None, "A sweep of launch.sweeps.SWEEPS, or FILE.py:NAME.")
+flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
+flags.DEFINE_enum("executor", "local", ["local", "slurm"], "Where the runs run.")
+flags.DEFINE_integer("parallel", None, "Runs at once (local: default 1; slurm: array "
+                     "parallelism, default all).")
+flags.DEFINE_bool("retry_failed", False, "Start failed runs again.")
+flags.DEFINE_bool("status", False, "List the state of every run and exit.")
+flags.DEFINE_bool("dry_run", False, "List what would be started, with commands, and exit.")
+flags.DEFINE_string("partition", None, "slurm: the partition (default: the cluster's).")
+flags.DEFINE_integer("time_min", None, "slurm: time limit per run in minutes (default 60).")
+flags.DEFINE_integer("gpus", None, "slurm: GPUs per node (default 0).")
+flags.DEFINE_integer("cpus", None, "slurm: CPUs per task (default: the cluster's).")
+flags.DEFINE_bool("wait", False, "slurm: wait for the jobs to end, then list the states.")
+flags.DEFINE_enum("submitit_cluster", "slurm", ["slurm", "local"],
+                  "slurm: submitit's cluster; local runs the jobs as local processes.")
+flags.mark_flags_as_required(["sweep", "root"])
+
+_SLURM_ONLY = ("partition", "time_min", "gpus", "cpus", "wait", "submitit_cluster")
+_LAUNCHED = (runs_lib.PENDING, runs_lib.INTERRUPTED)
+
+
+def to_launch(runs: Sequence[runs_lib.Run], states: dict, retry_failed: bool
+              ) -> list[runs_lib.Run]:
+    """The runs to start: pending and interrupted ones, and failed ones if `retry_failed`."""
+    wanted = _LAUNCHED + ((runs_lib.FAILED,) if retry_failed else ())
+    return [r for r in runs if states[r.name].status in wanted]
+
+
+def format_states(runs: Sequence[runs_lib.Run], states: dict) -> str:
+    """One line of counts, then one line per run: state, name, log (or workdir), detail."""
+    counts = {s: 0 for s in runs_lib.STATES}
+    for r in runs:
+        counts[states[r.name].status] += 1
+    lines = [", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" ({len(runs)} runs)"]
+    width = max(len(r.name) for r in runs)
+    for status in runs_lib.STATES:
+        for r in runs:
+            state = states[r.name]
+            if state.status == status:
+                where = r.log if r.log.exists() else r.workdir
+                detail = f"  ({state.detail})" if state.detail else ""
+                lines.append(f"  {status:11} {r.name:{width}}  {where}{detail}")
+    return "\n".join(lines)
+
+
+def _states(runs: Sequence[runs_lib.Run]) -> dict:
+    return {r.name: runs_lib.state(r) for r in runs}
+
+
+def _usage_error(message: str) -> None:
+    print(f"launch.sweep: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_flags() -> None:
+    if FLAGS.parallel is not None and FLAGS.parallel < 1:
+        _usage_error(f"--parallel: expected a positive integer, got {FLAGS.parallel}.")
+    for name, low in (("time_min", 1), ("gpus", 0), ("cpus", 1)):
+        value = FLAGS[name].value
+        if value is not None and value < low:
+            _usage_error(f"--{name}: expected an integer >= {low}, got {value}.")
+    if FLAGS.executor == "local":
+        given = [f"--{f}" for f in _SLURM_ONLY if FLAGS[f].present]
+        if given:
+            _usage_error(f"{', '.join(given)}: only used with --executor=slurm.")
+
+
+def _submit(runs: Sequence[runs_lib.Run], root: Path, sweep_name: str) -> None:
+    jobs = executors.submit_slurm(
+        runs, root / ".submitit", cluster=FLAGS.submitit_cluster, partition=FLAGS.partition,
+        time_min=FLAGS.time_min or 60, gpus=FLAGS.gpus or 0, cpus=FLAGS.cpus,
+        parallel=FLAGS.parallel, name=Path(sweep_name).name)
+    for run, job in zip(runs, jobs):
+        print(f"submitted {run.name}: job {job.job_id}", flush=True)
+    if FLAGS.wait:
+        for job in jobs:
+            job.wait()
+
+
+def main(argv):
+    if len(argv) > 1:
+        _usage_error(f"unexpected arguments {argv[1:]}.")
+    _check_flags()
+    root = Path(FLAGS.root)
+    try:
+        sweep = sweeps.get(FLAGS.sweep)
+        runs = runs_lib.from_sweep(sweep, root)
+        for run in runs:
+            runs_lib.check_matches(run)
+    except ValueError as e:
+        _usage_error(str(e))
+    states = _states(runs)
+    header = f"sweep {FLAGS.sweep}: {sweep.config} under {root.resolve()}"
+    if FLAGS.status:
+        print(f"{header}\n{format_states(runs, states)}")
+        return
+    launch = to_launch(runs, states, FLAGS.retry_failed)
+    if FLAGS.dry_run:
+        print(f"{header}\n{format_states(runs, states)}\nwould start {len(launch)}:")
+        for run in launch:
+            print(f"  {shlex.join(run.command)}")
+        return
+    print(f"{header}: starting {len(launch)} of {len(runs)} runs", flush=True)
+    if launch and FLAGS.executor == "local":
+        try:
+            executors.run_local(launch, FLAGS.parallel or 1)
+        except KeyboardInterrupt:
+            print("interrupted: the running runs were stopped; the same command resumes them.",
+                  file=sys.stderr)
+            sys.exit(130)
+    elif launch:
+        try:
+            _submit(launch, root.resolve(), FLAGS.sweep)
+        except ValueError as e:
+            _usage_error(str(e))
+        except RuntimeError as e:
+            print(f"launch.sweep: {e}", file=sys.stderr)
+            sys.exit(1)
+    states = _states(runs)
+    print(format_states(runs, states))
+    if any(s.status == runs_lib.FAILED for s in states.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,239 @@
+"""Sweeps as Python data: combinators of config overrides, and the registry `SWEEPS`.
+
+A sweep is a config file (with an optional `:arg`) and a list of override dicts,
+one per run. The combinators build those lists:
+
+  product(kl=["analytic", "k3"], seed=[0, 1])      # 4 runs: every combination
+  zip_(latents=[2, 50], hidden=[(50,), (400,)])      # 2 runs: element-wise pairs
+  chain(product(kl=["k1"], seed=[0]), [{"kl": "k3", "beta": 0.5}])  # one after the other
+  product(zip_(latents=[2, 50], hidden=[(50,), (400,)]), seed=[0, 1])  # sweeps cross too
+
+Each run is named from its overrides, keys sorted, e.g. `kl=k3,num_samples=5,seed=1`:
+the name is its directory under the sweep's root, so it must stay stable between
+invocations (that is what makes a sweep resumable). `Sweep.fixed` holds overrides
+shared by every run; they are passed to each run but not part of its name.
+"""
+
+import dataclasses
+import hashlib
+import importlib.util
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+Overrides = dict[str, Any]
+
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_MAX_NAME = 200
+
+
+def product(*sweeps: Iterable[Overrides], **fields: Sequence[Any]) -> list[Overrides]:
+    """Every combination of the given sweeps and field values (the first varies slowest).
+
+    Args:
+      *sweeps: lists of override dicts, crossed with each other.
+      **fields: field name -> list of values; each is a one-field sweep.
+
+    Returns:
+      A list of override dicts.
+
+    Raises:
+      TypeError: when a field's values are not a list (e.g. a bare string).
+      ValueError: when a field has no values or two factors set the same field.
+    """
+    runs = [{}]
+    for factor in [list(s) for s in sweeps] + [_field_sweep(k, v) for k, v in fields.items()]:
+        runs = [_merge(a, b) for a in runs for b in factor]
+    return runs
+
+
+def zip_(*sweeps: Iterable[Overrides], **fields: Sequence[Any]) -> list[Overrides]:
+    """Element-wise pairs of the given sweeps and field values, which must be equally long.
+
+    Raises:
+      ValueError: when the lengths differ or two factors set the same field.
+    """
+    factors = [list(s) for s in sweeps] + [_field_sweep(k, v) for k, v in fields.items()]
+    lengths = {len(f) for f in factors}
+    if len(lengths) > 1:
+        raise ValueError(f"zip_: expected sweeps of one length, got lengths "
+                         f"{[len(f) for f in factors]}.")
+    runs = []
+    for parts in zip(*factors):
+        merged = {}
+        for part in parts:
+            merged = _merge(merged, part)
+        runs.append(merged)
+    return runs
+
+
+def chain(*sweeps: Iterable[Overrides]) -> list[Overrides]:
+    """The runs of each sweep, one sweep after the other."""
+    return [dict(run) for s in sweeps for run in s]
+
+
+def _field_sweep(field: str, values: Sequence[Any]) -> list[Overrides]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"sweep field {field!r}: expected a list of values, got {values!r}.")
+    values = list(values)
+    if not values:
+        raise ValueError(f"sweep field {field!r}: expected at least one value, got none.")
+    return [{field: v} for v in values]
+
+
+def _merge(a: Overrides, b: Overrides) -> Overrides:
+    shared = sorted(set(a) & set(b))
+    if shared:
+        raise ValueError(f"sweep: field(s) {shared} set by two factors of one run.")
+    return {**a, **b}
+
+
+def format_value(value: Any) -> str:
+    """The command-line text of an override value, as ml_collections' config_flags parses it.
+
+    Tuples and lists are written as Python tuple literals, e.g. `(200, 200)` or `('k1', 'k3')`.
+
+    Raises:
+      ValueError: for a type config_flags cannot override (None, dicts, objects).
+    """
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            format_value(v)
+        return repr(tuple(value))
+    if isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"override value {value!r}: expected str, int, float, bool or a tuple of"
+                     f" them, got {type(value).__name__}.")
+
+
+def run_name(overrides: Mapping[str, Any]) -> str:
+    """The directory name of a run: `key=value` pairs, keys sorted, joined by commas.
+
+    Characters outside [A-Za-z0-9._+-] in values become `_`; tuple elements are joined
+    by `_`. Names longer than 200 characters are cut and end in a hash of the full name.
+    A run without overrides is named `base`.
+    """
+    if not overrides:
+        return "base"
+    name = ",".join(f"{k}={_name_value(overrides[k])}" for k in sorted(overrides))
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = f"{name[:_MAX_NAME - 13]}-{digest}"
+    return name
+
+
+def _name_value(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "_".join(_name_value(v) for v in value)
+    return _UNSAFE.sub("_", format_value(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A config file and the overrides of each of its runs.
+
+    Attributes:
+      config: the config file, relative to the repository root, with an optional `:arg`
+        (e.g. `experiments/configs/train.py:quick`).
+      runs: one dict of config overrides per run (field -> value).
+      fixed: overrides passed to every run, left out of the run names.
+      description: one line for `--status` and listings.
+    """
+
+    config: str
+    runs: Sequence[Overrides]
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.runs:
+            raise ValueError(f"Sweep({self.config!r}): expected at least one run, got none.")
+        for overrides in [self.fixed, *self.runs]:
+            for field, value in overrides.items():
+                if not _FIELD.match(field):
+                    raise ValueError(f"sweep field {field!r}: expected a config field name such"
+                                     " as 'kl' or 'model.latents'.")
+                format_value(value)
+        for overrides in self.runs:
+            shared = sorted(set(overrides) & set(self.fixed))
+            if shared:
+                raise ValueError(f"Sweep({self.config!r}): field(s) {shared} are both swept and"
+                                 " fixed.")
+        self.named_runs()
+
+    def named_runs(self) -> list[tuple[str, Overrides]]:
+        """(name, overrides) per run, in sweep order.
+
+        Raises:
+          ValueError: when two runs get the same name.
+        """
+        named, seen = [], {}
+        for overrides in self.runs:
+            name = run_name(overrides)
+            if name in seen:
+                raise ValueError(f"Sweep({self.config!r}): runs {seen[name]} and {overrides}"
+                                 f" have the same name {name!r}.")
+            seen[name] = overrides
+            named.append((name, dict(overrides)))
+        return named
+
+
+_KL_TERMS = ["analytic", "k1", "k3", "stl"]
+_DIGITS = {"dataset": "digits"}
+_TINY_ESTIMATORS = {"num_draws": 2000, "schulman_draws": 2000, "histogram_draws": 2000}
+
+SWEEPS: dict[str, Sweep] = {
+    "smoke": Sweep(
+        config="experiments/configs/train.py:quick",
+        runs=product(kl=_KL_TERMS, seed=[0, 1]),
+        fixed=_DIGITS,
+        description="a few seconds per run: every KL term x 2 seeds on digits"),
+    "compare_training": Sweep(
+        config="experiments/configs/train.py",
+        runs=product(kl=_KL_TERMS, num_samples=[1, 5], seed=[0, 1, 2]),
+        fixed=_DIGITS,
+        description="KL term x samples per step x 3 seeds on digits"),
+    "latents": Sweep(
+        config="experiments/configs/train.py",
+        runs=product(latents=[2, 5, 10, 20, 50], seed=[0, 1, 2]),
+        fixed=_DIGITS,
+        description="latent dimension x 3 seeds on digits (analytic KL)"),
+    "estimators_smoke": Sweep(
+        config="experiments/configs/estimators.py:quick",
+        runs=product(seed=[0, 1]),
+        fixed=_TINY_ESTIMATORS,
+        description="the estimator experiment with 2000 draws per case, 2 seeds"),
+}
+
+
+def get(name: str) -> Sweep:
+    """The sweep `name` from `SWEEPS`, or `FILE.py:NAME`, a `Sweep` defined in a Python file.
+
+    Raises:
+      ValueError: naming `--sweep` and the known sweeps when `name` is not one.
+    """
+    if name in SWEEPS:
+        return SWEEPS[name]
+    path, sep, attr = name.rpartition(":")
+    if sep and path.endswith(".py"):
+        return _from_file(Path(path), attr)
+    raise ValueError(f"--sweep: unknown sweep {name!r}; expected one of {', '.join(SWEEPS)}"
+                     " or FILE.py:NAME for a Sweep defined in a file.")
+
+
+def _from_file(path: Path, attr: str) -> Sweep:
+    if not path.is_file():
+        raise ValueError(f"--sweep: no file {str(path)!r}.")
+    spec = importlib.util.spec_from_file_location(f"_sweeps_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = {k: v for k, v in vars(module).items() if isinstance(v, Sweep)}
+    if attr not in found:
+        raise ValueError(f"--sweep: {str(path)!r} has no Sweep named {attr!r}; it defines"
+                         f" {list(found) or 'none'}.")
+    return found[attr]
+

@@ -333,6 +333,12 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
             f"  {prepare_command(name, data_dir)}\n"
             f"where --manual_dir holds {spec.manual_files}."
         )
+    cache = data_dir / name / str(version) / f"vaekl-{split}.npz"
+    if cache.is_file():
+        with np.load(cache) as arrays:
+            x, labels = arrays["x"], arrays["labels"] if "labels" in arrays else None
+        return _binarized_dataset(name, split, x, (_IMAGE_SIZE, _IMAGE_SIZE, 1), labels,
+                                  spec.grey, seed)
     source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
     xs, labels = [], []
     for start in range(0, len(source), _READ_CHUNK):
@@ -341,8 +347,21 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
         xs.append(spec.to_x(np.stack([example["image"] for example in examples])))
         labels.extend(example.get("label") for example in examples)
     labels = np.array(labels, dtype=np.int64) if labels[0] is not None else None
+    _write_cache(cache, np.concatenate(xs), labels)
     shape = (_IMAGE_SIZE, _IMAGE_SIZE, 1)
     return _binarized_dataset(name, split, np.concatenate(xs), shape, labels, spec.grey, seed)
+
+
+def _write_cache(path: Path, x: np.ndarray, labels: np.ndarray | None) -> None:
+    """Keeps the decoded split beside the tfds files (reading it back takes ~0.1 s, decoding
+    the records ~5 s). Best effort: a read-only data_dir just goes without."""
+    arrays = {"x": x} if labels is None else {"x": x, "labels": labels}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_digits(split: str, seed: int) -> Dataset:

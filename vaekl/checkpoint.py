@@ -3,29 +3,47 @@
 Saves are synchronous and atomic (orbax writes a temporary directory and
 renames it when complete), so a killed process leaves either the whole
 checkpoint or none. A checkpoint that is present but unreadable (truncated or
-corrupted files) is skipped with a warning and the one before it restored; the
-only good checkpoint is never deleted, since orbax deletes old checkpoints only
-after a newer save has completed. An unreadable checkpoint is moved aside (to
-`corrupt_checkpoint_<step>` beside the directory), not deleted.
+corrupted files), or whose arrays no longer match the SHA-256 saved with them
+(a flipped bit in the data), is skipped with a warning and the one before it
+restored; the only good checkpoint is never deleted, since orbax deletes old
+checkpoints only after a newer save has completed. An unreadable checkpoint is
+moved aside (to `corrupt_checkpoint_<step>` beside the directory), not deleted.
 """
 
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import shutil
-
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+_CHECKSUM = "vaekl_sha256"
+
+
+def checksum(state: Any) -> str:
+    """A digest of the arrays of `state`, independent of its container types and order."""
+    digests = []
+    for leaf in jax.tree.leaves(state):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        digests.append(hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).digest())
+    return hashlib.sha256(b"".join(sorted(digests))).hexdigest()
 
 
 class Checkpointer:
     """Saves and restores one pytree by step under `directory`."""
 
     def __init__(self, directory: Path, *, max_to_keep: int = 2):
-        self._manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+        self._directory, self._max_to_keep = Path(directory).absolute(), max_to_keep
+        self._manager = self._new_manager()
+
+    def _new_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self._directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+                max_to_keep=self._max_to_keep, create=True, enable_async_checkpointing=False,
                 cleanup_tmp_directories=True))
 
     def steps(self) -> list[int]:
@@ -35,7 +53,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any) -> None:
         """Writes `state` as the checkpoint of `step` (blocking until complete)."""
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                           custom_metadata={_CHECKSUM: checksum(state)})
         self._manager.wait_until_finished()
 
     def restore_latest(self, template: Any) -> tuple[Optional[int], Any]:
@@ -50,6 +69,9 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 state = self._manager.restore(step, args=ocp.args.StandardRestore(template))
+                saved = (self._manager.metadata(step).custom_metadata or {}).get(_CHECKSUM)
+                if saved is not None and saved != checksum(state):
+                    raise ValueError("its arrays do not match the checksum saved with them")
             except Exception as e:  # orbax raises many types for damaged files.
                 if template is None:
                     raise  # Without a template a topology mismatch looks the same: no fallback.
@@ -67,7 +89,10 @@ class Checkpointer:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.move(src, dst)
         logging.warning("Moved the unreadable checkpoint to %s.", dst)
-        self._manager.reload()
+        # A fresh manager: a failed restore can leave orbax's item layout guessed wrong
+        # (a step dir without its item), which would fail every older checkpoint too.
+        self._manager.close()
+        self._manager = self._new_manager()
 
     def close(self) -> None:
         self._manager.close()

@@ -36,6 +36,7 @@ class Bound(NamedTuple):
 
 def _check(name, key, q_mean, q_log_var, log_likelihood, prior, num_samples):
     num_samples = validate.positive_int(name, "num_samples", num_samples)
+    validate.prng_key(name, key)
     if not callable(log_likelihood):
         raise TypeError(
             f"{name}: `log_likelihood` must be a function z -> log p(x|z), got"

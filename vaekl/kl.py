@@ -195,6 +195,7 @@ def draws(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Ar
 def _draws(name, key, q_mean, q_log_var, p_mean, p_log_var, prior, num_samples, estimator):
     validate.choice(name, "estimator", estimator, ESTIMATORS)
     num_samples = validate.positive_int(name, "num_samples", num_samples)
+    validate.prng_key(name, key)
     prior = _resolve_prior(name, p_mean, p_log_var, prior)
     args = validate.floating(name, q_mean=q_mean, q_log_var=q_log_var)
     shapes = dict(args)

@@ -215,11 +215,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_time = time.time()
     devices = jax.local_devices()
     _check_config(config, len(devices))
-    work = workdir_lib.prepare(workdir, config)
+    workdir_lib.prepare_workdir(workdir)  # An unusable workdir fails before the data loads.
     train_data, test_data = load_data(config)
     if config.batch_size > len(train_data):
         raise ValueError(f"config.batch_size: {config.batch_size} is larger than the"
                          f" {len(train_data)} training examples of {config.dataset!r}.")
+    # config.json is written only now: a config its data refuse leaves no run behind that
+    # would block the corrected config from this workdir.
+    work = workdir_lib.prepare(workdir, config)
     model = create_model(config, train_data)
     steps_per_epoch = len(train_data) // config.batch_size
     total_steps = config.num_epochs * steps_per_epoch
@@ -253,7 +256,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state = jax.device_put(restored, replicated)
         logging.info("Resumed from the checkpoint at step %d.", step)
     step = step or 0
-    metrics_log = workdir_lib.MetricsLog(work / "metrics.jsonl", truncate_after=step)
+    metrics_log = workdir_lib.MetricsLog(work / "metrics.jsonl", truncate_after=step,
+                                         redo_eval=step == total_steps)
     num_params = sum(x.size for x in jax.tree.leaves(state.params)) // num_seeds
     logging.info("%s: %d parameters per seed, %d steps per epoch, %d epochs, %d seed(s).",
                  config.dataset, num_params, steps_per_epoch, config.num_epochs, num_seeds)
@@ -308,15 +312,21 @@ def _check_finite(metrics: dict, first_step: int, config, ckpt):
         if skipped:
             logging.warning("Skipped %d steps with a non-finite loss or gradient.", skipped)
         return
-    for name in ("loss", "elbo", "rate", "distortion", "grad_norm"):
-        bad = ~np.isfinite(metrics[name])
-        if bad.any():
-            where = np.argwhere(bad)[0]
-            step_index = int(where[-1])
-            value = metrics[name][tuple(where)]
-            kept = ckpt.steps()
-            raise TrainingDiverged(
-                f"Training diverged at step {first_step + step_index + 1}: metric {name!r} is"
-                f" {value}. The last good checkpoint ({'step ' + str(kept[-1]) if kept else 'none'})"
-                " is kept; lower config.learning_rate, or set config.on_nan='skip' to skip such"
-                " steps.")
+    names = ("loss", "elbo", "rate", "distortion", "grad_norm")
+    # The earliest bad step of any metric (the gradient can overflow a step before the loss).
+    bad = {name: np.argwhere(~np.isfinite(metrics[name])) for name in names}
+    first = min((int(w[:, -1].min()) for w in bad.values() if len(w)), default=None)
+    if first is None:
+        return
+    culprits = []
+    for name, where in bad.items():
+        at_first = where[where[:, -1] == first]
+        if len(at_first):
+            culprits.append(f"{name!r} is {metrics[name][tuple(at_first[0])]}")
+    kept = ckpt.steps()
+    raise TrainingDiverged(
+        f"Training diverged at step {first_step + first + 1}:"
+        f" metric{'s' if len(culprits) > 1 else ''} {', '.join(culprits)}."
+        f" The last good checkpoint ({'step ' + str(kept[-1]) if kept else 'none'})"
+        " is kept; lower config.learning_rate, or set config.on_nan='skip' to skip such"
+        " steps.")

@@ -78,6 +78,19 @@ def positive_int(fn_name: str, name: str, value) -> int:
     return int(value)
 
 
+def prng_key(fn_name: str, key) -> None:
+    """Checks that `key` is one PRNG key: jax.random.key(seed) or a raw uint32 PRNGKey."""
+    dtype = getattr(key, "dtype", None)
+    ndim = jnp.ndim(key) if dtype is not None else None
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and ndim == 0:
+        return
+    if dtype == jnp.uint32 and ndim == 1:
+        return
+    got = f"dtype {dtype}, shape {list(jnp.shape(key))}" if dtype is not None else repr(key)
+    raise TypeError(f"{fn_name}: `key` must be a single PRNG key, jax.random.key(seed) (split"
+                    f" it and use jax.vmap for several); got {got}.")
+
+
 def choice(fn_name: str, name: str, value, allowed: Iterable[str]) -> str:
     """Checks that `value` is one of `allowed`."""
     allowed = tuple(allowed)

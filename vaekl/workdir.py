@@ -18,6 +18,9 @@ from absl import logging
 RESUMABLE_CHANGES = ("num_epochs", "eval_importance_samples", "eval_every_epochs",
                      "eval_importance_samples_during", "log_every_steps", "data_dir",
                      "data_path")
+# Schedules whose learning rate at every step depends on num_epochs (through the total
+# number of steps): for them a resume with another num_epochs would train something else.
+EPOCH_DEPENDENT_SCHEDULES = ("cosine", "warmup_cosine")
 
 
 def prepare_workdir(workdir: str) -> Path:
@@ -67,8 +70,11 @@ def prepare(workdir: str, config) -> Path:
     config_path = path / "config.json"
     if config_path.exists():
         old = json.loads(config_path.read_text())
+        resumable = set(RESUMABLE_CHANGES)
+        if new.get("schedule") in EPOCH_DEPENDENT_SCHEDULES:
+            resumable.discard("num_epochs")
         changed = sorted(k for k in set(old) | set(new)
-                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+                         if old.get(k) != new.get(k) and k not in resumable)
         if changed:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise ValueError(
@@ -97,17 +103,21 @@ class MetricsLog:
 
     On resume from a checkpoint at step S, lines after S (written by the
     interrupted process after its last checkpoint) are dropped first, so the
-    replayed steps are neither duplicated nor missing.
+    replayed steps are neither duplicated nor missing. With `redo_eval` the eval
+    line at S goes too: the final evaluation, written after the last checkpoint
+    by a process killed before it finished, which the resumed one does again.
     """
 
-    def __init__(self, path: Path, *, truncate_after: int):
+    def __init__(self, path: Path, *, truncate_after: int, redo_eval: bool = False):
         self._path = path
         if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
             kept = []
             for ln in lines:
                 try:
-                    if json.loads(ln)["step"] <= truncate_after:
+                    row = json.loads(ln)
+                    if row["step"] < truncate_after or row["step"] == truncate_after and not (
+                            redo_eval and row["split"] == "eval"):
                         kept.append(ln)
                 except (json.JSONDecodeError, KeyError):
                     break  # A line cut short by a kill: drop it and what follows.

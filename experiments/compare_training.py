@@ -1,0 +1,176 @@
+"""Training with each KL term: final test ELBO and log-likelihood, wall time, learning curves.
+
+One model and data set (`config.train`) trained once per (KL term, num_samples),
+each with `config.train.num_seeds` seeds vmapped in one program, by
+`vaekl.train.train_and_evaluate(train_config, workdir/runs/<kl>_n<num_samples>)`.
+A finished run (results.json written, same config) is read, not retrained, so a rerun
+resumes where it stopped.
+
+Fields of each row (means and standard deviations over seeds, ddof 0):
+  test_elbo_mean/std            test ELBO, analytic KL, `eval_elbo_samples` draws (nats/example)
+  test_log_likelihood_mean/std  the IWAE bound with `eval_importance_samples` draws
+  train_wall_s                  seconds in the training epochs (all seeds together)
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from experiments import report
+
+COLUMNS = ("kl", "num_samples", "test_elbo_mean", "test_elbo_std", "test_log_likelihood_mean",
+           "test_log_likelihood_std", "test_rate_mean", "active_units_mean", "train_wall_s",
+           "num_seeds")
+
+
+def run_name(kl: str, num_samples: int) -> str:
+    return f"{kl}_n{num_samples}"
+
+
+def train_config(config, kl: str, num_samples: int):
+    cfg = config.train.copy_and_resolve_references()
+    cfg.kl, cfg.num_samples = kl, int(num_samples)
+    return cfg
+
+
+def _seeds(results: dict, field: str) -> list:
+    """Per-seed values of `field` (results of one seed have no `seeds` list)."""
+    if "seeds" in results:
+        return [s[field] for s in results["seeds"]]
+    return [results[field]]
+
+
+def finished_results(sub: Path, cfg):
+    """The results.json of a finished run in `sub` with exactly this config, else None.
+
+    A run with another config is left to `train_and_evaluate`, which resumes it (a
+    longer num_epochs, say) or refuses the workdir with a message naming the change.
+    """
+    results, saved = sub / "results.json", sub / "config.json"
+    if not (results.exists() and saved.exists()):
+        return None
+    if json.loads(saved.read_text()) != json.loads(cfg.to_json_best_effort()):
+        return None
+    return json.loads(results.read_text())
+
+
+def read_curves(path: Path) -> dict:
+    """Learning curves from metrics.jsonl: {"train": (steps, elbo [seeds, T]), "eval": ...}."""
+    curves = {}
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    for split, field in (("train", "elbo"), ("eval", "test_elbo")):
+        rows = [ln for ln in lines if ln["split"] == split and field in ln]
+        if rows:
+            steps = np.array([ln["step"] for ln in rows])
+            values = np.array([np.atleast_1d(ln[field]) for ln in rows], np.float64).T
+            curves[split] = (steps, values)
+    return curves
+
+
+def run(config, workdir: str) -> dict:
+    """Trains (or reads) every run; writes results.json, results.md and learning_curves.png."""
+    from vaekl import train
+
+    workdir = report.prepare_workdir(workdir)
+    rows, curves = [], {}
+    for kl in config.kls:
+        for n in config.num_samples:
+            sub = workdir / "runs" / run_name(kl, n)
+            cfg = train_config(config, kl, n)
+            results = finished_results(sub, cfg)
+            if results is None:
+                results = train.train_and_evaluate(cfg, str(sub))
+            row = {"kl": kl, "num_samples": int(n), "num_seeds": results["num_seeds"],
+                   "train_wall_s": results["train_wall_s"], "steps": results["steps"],
+                   "run": str(sub.relative_to(workdir))}
+            for field in ("test_elbo", "test_log_likelihood", "test_rate", "active_units"):
+                if field in results:
+                    values = np.asarray(_seeds(results, field), np.float64)
+                    row[f"{field}_mean"] = float(values.mean())
+                    row[f"{field}_std"] = float(values.std())
+                    row[f"{field}_seeds"] = values.tolist()
+            rows.append(row)
+            curves[(kl, int(n))] = read_curves(sub / "metrics.jsonl")
+    cfg = config.train
+    results = {"experiment": "compare_training", "rows": rows, "dataset": cfg.dataset,
+               "num_epochs": cfg.num_epochs, "num_seeds": cfg.num_seeds,
+               "eval_importance_samples": cfg.eval_importance_samples,
+               "steps_per_epoch": rows[0]["steps"] // max(cfg.num_epochs, 1) if rows else None}
+    report.write_json(workdir / "results.json", results)
+    (workdir / "results.md").write_text(_markdown(results, config))
+    _plot(curves, results, workdir / "learning_curves.png")
+    print(report.markdown_table(rows, COLUMNS))
+    return results
+
+
+def _markdown(results, config) -> str:
+    cfg = config.train
+    return (
+        "# Training with each KL term\n\n"
+        f"`{cfg.dataset}`, {cfg.latents} latents, hidden {tuple(cfg.hidden)} {cfg.activation},"
+        f" batch {cfg.batch_size}, Adam {cfg.learning_rate}, {cfg.num_epochs} epochs,"
+        f" {cfg.num_seeds} seeds (seed {cfg.seed}, ...). `kl` is the KL term trained with and"
+        " `num_samples` the draws of z per example; evaluation is the same for every run: test"
+        f" ELBO with the analytic KL, and the IWAE bound with {cfg.eval_importance_samples}"
+        " samples as `test_log_likelihood` (nats per example; mean and std over seeds)."
+        " `train_wall_s` is the time in training epochs, all seeds together.\n\n"
+        + report.markdown_table(results["rows"], COLUMNS))
+
+
+def _smooth(values: np.ndarray, width: int) -> np.ndarray:
+    """A trailing moving average over the last axis (shorter at the start)."""
+    if width <= 1:
+        return values
+    csum = np.cumsum(values, axis=-1)
+    out = np.empty_like(values)
+    for i in range(values.shape[-1]):
+        lo = max(0, i - width + 1)
+        out[..., i] = (csum[..., i] - (csum[..., lo - 1] if lo else 0)) / (i - lo + 1)
+    return out
+
+
+def _plot(curves, results, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kls = list(dict.fromkeys(k for k, _ in curves))
+    colours = {k: f"C{i}" for i, k in enumerate(kls)}
+    styles = ["-", "--", ":", "-."]
+    ns = sorted({n for _, n in curves})
+    steps_per_epoch = results["steps_per_epoch"] or 1
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    lows = {"train": [], "eval": []}
+    for (kl, n), c in curves.items():
+        label = f"{kl}, n={n}"
+        style = {"color": colours[kl], "ls": styles[ns.index(n) % len(styles)], "lw": 1.4}
+        if "train" in c:
+            steps, values = c["train"]
+            mean = _smooth(values, 5).mean(0)
+            axes[0].plot(steps / steps_per_epoch, mean, label=label, **style)
+            lows["train"].append(np.quantile(mean, 0.1))
+        if "eval" in c:
+            steps, values = c["eval"]
+            mean, std = values.mean(0), values.std(0)
+            epochs = steps / steps_per_epoch
+            axes[1].plot(epochs, mean, marker="o", ms=3, label=label, **style)
+            if values.shape[0] > 1:
+                axes[1].fill_between(epochs, mean - std, mean + std, color=colours[kl], alpha=0.12)
+            lows["eval"].append(np.quantile(mean, 0.1))
+    titles = ((axes[0], "train", "Training ELBO (each run's own estimate, smoothed)"),
+              (axes[1], "eval", "Test ELBO (analytic KL), mean ± std over seeds"))
+    for ax, split, title in titles:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("ELBO  [nats per example]")
+        ax.set_title(f"{results['dataset']}: {title}", fontsize=10)
+        if lows[split]:
+            ax.set_ylim(bottom=min(lows[split]))  # Hide the first epochs' plunge.
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2, title="KL term, samples")
+    fig.suptitle(f"Learning curves by KL term ({results['num_seeds']} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

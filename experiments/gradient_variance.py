@@ -1,0 +1,409 @@
+"""Variance and signal-to-noise ratio of ELBO gradients under each KL term.
+
+For a fixed batch x and fixed parameters, the gradient of the negative ELBO
+(`vaekl.train.make_loss_fn`, or the same bound for the linear-Gaussian model) is
+a random vector through the draws z ~ q(z|x). This draws it `num_draws` times
+(`jax.vmap(jax.grad(loss))(keys)`) under each KL term (analytic, k1, k3, stl),
+with the same keys for every term, and reports per parameter group (encoder,
+decoder):
+
+  grad_variance  (1/P) sum_p Var_i[g_p^(i)]: the per-parameter variance across
+                 draws (ddof 1), averaged over the group's P parameters
+                 (the trace of the gradient covariance divided by P).
+  snr            |E_i g^(i)|_2 / sqrt(sum_p Var_i[g_p^(i)]): the norm of the mean
+                 gradient over the root of the total variance (the expected norm of
+                 the noise of one draw).
+
+Models and checkpoints:
+  vae / init, early, converged    a VAE on `digits` (`config.train`) after 0,
+      `early_epochs` and `converged_epochs` epochs of training with train.py's own
+      initialisation and jitted epoch.
+  linear_gaussian / exact_posterior    p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I)
+      with W = Q diag(c), Q with orthonormal columns, so that the posterior
+      covariance M^-1 = (I + W^T W / s^2)^-1 = diag(1 / (1 + c^2 / s^2)) is
+      diagonal and a linear encoder q(z|x) = N(A x + a, diag v) equals p(z|x)
+      exactly; the decoder is the true W, b, s.
+  linear_gaussian / perturbed_posterior    the same with the encoder moved off the
+      posterior (mean weights x 0.9, log-variances + 0.5).
+
+At the exact posterior the STL encoder gradient is zero for every draw
+(log p(x, z) - log q(z|x) = log p(x) does not depend on z), so its variance is
+zero up to rounding; the linear-Gaussian part runs in float64 to show that. The
+decoder gradient does not involve the KL term (the prior is fixed), so it is the
+same under every KL term and is not zero-variance.
+"""
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import report
+from vaekl import elbo as elbo_lib
+from vaekl import linear_gaussian
+
+COLUMNS = ("model", "checkpoint", "estimator", "encoder_grad_variance", "decoder_grad_variance",
+           "encoder_snr", "decoder_snr", "encoder_grad_mean_norm", "batch_elbo", "num_draws")
+RATIO_COLUMNS = ("model", "checkpoint", "analytic_over_k1", "k3_over_k1", "stl_over_k1",
+                 "decoder_analytic_over_k1")
+
+
+class _Moments:
+    """Running mean and sum of squared deviations of rows of [n, P] (Chan et al.), float64."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: np.ndarray):
+        x = np.asarray(x, np.float64)
+        size, x_mean = x.shape[0], x.mean(0)
+        x_m2 = np.sum(np.square(x - x_mean), 0)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = size, x_mean, x_m2
+            return
+        total = self.n + size
+        delta = x_mean - self.mean
+        self.mean = self.mean + delta * size / total
+        self.m2 = self.m2 + x_m2 + np.square(delta) * self.n * size / total
+        self.n = total
+
+    def summary(self, prefix: str) -> dict:
+        var = self.m2 / (self.n - 1)
+        total = float(np.sum(var))
+        mean_norm = float(np.linalg.norm(self.mean))
+        return {f"{prefix}_grad_variance": total / var.size,
+                f"{prefix}_grad_total_variance": total,
+                f"{prefix}_grad_mean_norm": mean_norm,
+                f"{prefix}_snr": mean_norm / math.sqrt(total) if total > 0 else None,
+                f"{prefix}_num_params": int(var.size)}
+
+
+def _flat(tree, batch_dims=1):
+    leaves = jax.tree.leaves(tree)
+    return jnp.concatenate([l.reshape(l.shape[:batch_dims] + (-1,)) for l in leaves], axis=-1)
+
+
+def make_grad_fn(loss, split):
+    """A jitted (params, keys [n]) -> (losses [n], encoder grads [n, P_enc], decoder grads)."""
+
+    @jax.jit
+    def grads(params, keys):
+        values, g = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, keys)
+        enc, dec = split(g)
+        return values, _flat(enc), _flat(dec)
+
+    return grads
+
+
+def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
+    """Gradient moments over `num_draws` keys (draw i uses fold_in(key, i)).
+
+    Args:
+      grad_fn: from `make_grad_fn(loss, split)`, loss: (params, key) -> scalar.
+      params: the parameters.
+      key: base key.
+      num_draws: independent gradient draws.
+      chunk: draws per vmapped device call.
+
+    Returns:
+      The `_Moments.summary` figures of the encoder and decoder gradients, and
+      `batch_elbo`: minus the loss, averaged over the draws (the batch-mean ELBO as
+      that KL term estimates it).
+    """
+    enc, dec, losses = _Moments(), _Moments(), []
+    for start in range(0, num_draws, chunk):
+        idx = jnp.arange(start, min(start + chunk, num_draws))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+        values, g_enc, g_dec = grad_fn(params, keys)
+        losses.append(np.asarray(values, np.float64))
+        enc.add(g_enc)
+        dec.add(g_dec)
+    return {**enc.summary("encoder"), **dec.summary("decoder"), "num_draws": num_draws,
+            "batch_elbo": -float(np.mean(np.concatenate(losses)))}
+
+
+# --- The VAE on digits at its checkpoints. ---
+
+def checkpoint_epochs(config) -> dict:
+    """{"init": 0, "early": config.early_epochs, "converged": config.converged_epochs}."""
+    return {"init": 0, "early": int(config.early_epochs),
+            "converged": int(config.converged_epochs)}
+
+
+def _vae_checkpoints(config):
+    """(model, train config, {checkpoint name: params}) from one training run of `config.train`.
+
+    The run is train.py's own computation: its initialisation, keys and epoch
+    (`train.make_epoch_fn`) for the same config and seed, so the parameters after
+    e epochs are those `train_and_evaluate` reaches; they are taken after 0,
+    `early_epochs` and `converged_epochs` epochs (the epoch is not donated, so the
+    earlier parameters stay valid).
+    """
+    from vaekl import train
+
+    epochs = checkpoint_epochs(config)
+    cfg = config.train.copy_and_resolve_references()
+    cfg.num_epochs = max(epochs.values())
+    train_data, _ = train.load_data(cfg)
+    model = train.create_model(cfg, train_data)
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    tx = train.create_optimizer(cfg, steps_per_epoch)
+    keys = train.seed_keys(cfg.seed)
+    params = model.init(keys["init"], jnp.zeros((1, train_data.dim)), jnp.zeros((1, cfg.latents)))
+    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    epoch_fn = jax.jit(train.make_epoch_fn(model, cfg, tx, jnp.asarray(train_data.x),
+                                           steps_per_epoch=steps_per_epoch,
+                                           binarize=train_data.dynamic_binarization))
+    out = {}
+    for epoch in range(cfg.num_epochs + 1):
+        for name, e in epochs.items():
+            if e == epoch:
+                out[name] = state.params
+        if epoch < cfg.num_epochs:
+            state, _ = epoch_fn(state, keys, epoch)
+    return model, cfg, {name: out[name] for name in epochs}
+
+
+def _fixed_batch(config):
+    """The first `batch_size` test images of the data set (binarised once at load)."""
+    from vaekl import train
+
+    _, test = train.load_data(config.train)
+    return jnp.asarray(test.x[: config.batch_size])
+
+
+def vae_rows(config, key) -> list:
+    from vaekl import train
+
+    x = _fixed_batch(config)
+    model, cfg, checkpoints = _vae_checkpoints(config)
+    grad_fns = {}
+    for estimator in config.estimators:
+        cfg_e = cfg.copy_and_resolve_references()
+        cfg_e.kl, cfg_e.num_samples = estimator, config.num_samples
+        loss_fn = train.make_loss_fn(model, cfg_e)
+        grad_fns[estimator] = make_grad_fn(
+            lambda p, k, loss_fn=loss_fn: loss_fn(p, x, k, 0)[0],
+            lambda g: (g["params"]["enc_net"], g["params"]["dec_net"]))
+    rows = []
+    for ci, (name, params) in enumerate(checkpoints.items()):
+        for estimator in config.estimators:
+            figures = measure(grad_fns[estimator], params, jax.random.fold_in(key, ci),
+                              num_draws=config.num_draws, chunk=config.chunk)
+            rows.append({"model": "vae", "checkpoint": name, "estimator": estimator,
+                         "epochs": checkpoint_epochs(config)[name], **figures})
+    return rows
+
+
+# --- The linear-Gaussian model with a diagonal exact posterior. ---
+
+def orthogonal_model(config) -> linear_gaussian.LinearGaussian:
+    """W = Q diag(c) with Q's columns orthonormal: W^T W = diag(c^2), a diagonal posterior."""
+    rng = np.random.default_rng(config.lg_seed)
+    q, _ = np.linalg.qr(rng.standard_normal((config.lg_obs_dim, len(config.lg_scales))))
+    w = q * np.asarray(config.lg_scales, np.float64)
+    b = rng.standard_normal(config.lg_obs_dim)
+    return linear_gaussian.LinearGaussian(w=w, b=b, noise_std=float(config.lg_noise_std))
+
+
+def exact_encoder(model) -> dict:
+    """Linear encoder params with q(z|x) = p(z|x): mean = x K + a, log_var = x 0 + log v."""
+    w, b, s2 = np.asarray(model.w), np.asarray(model.b), model.noise_std**2
+    wtw = w.T @ w
+    assert np.allclose(wtw, np.diag(np.diag(wtw))), "W must have orthogonal columns"
+    v = 1.0 / (1.0 + np.diag(wtw) / s2)  # diag M^-1
+    kernel = w * v / s2  # x K = (M^-1 W^T x / s^2)^T: K = W M^-1 / s^2, [d, k]
+    return {"mean_kernel": kernel, "mean_bias": -b @ kernel,
+            "log_var_kernel": np.zeros_like(kernel), "log_var_bias": np.log(v)}
+
+
+def _lg_loss(estimator, num_samples, x):
+    def loss(params, key):
+        enc, dec = params["encoder"], params["decoder"]
+        mean = x @ enc["mean_kernel"] + enc["mean_bias"]
+        log_var = x @ enc["log_var_kernel"] + enc["log_var_bias"]
+
+        def log_lik(z):
+            resid = (x - z @ dec["kernel"] - dec["bias"]) * jnp.exp(-dec["log_scale"])
+            return -jnp.sum(0.5 * jnp.square(resid) + dec["log_scale"]
+                            + 0.5 * math.log(2 * math.pi), axis=-1)
+
+        bound = elbo_lib.elbo(key, mean, log_var, log_lik, kl=estimator, num_samples=num_samples)
+        return -jnp.mean(bound.elbo)
+
+    return loss
+
+
+def linear_gaussian_rows(config, key) -> list:
+    model = orthogonal_model(config)
+    x_np, _ = linear_gaussian.sample(model, config.batch_size,
+                                     np.random.default_rng(config.lg_seed + 1))
+    exact = exact_encoder(model)
+    perturbed = dict(exact, mean_kernel=0.9 * exact["mean_kernel"],
+                     mean_bias=0.9 * exact["mean_bias"], log_var_bias=exact["log_var_bias"] + 0.5)
+    dtype = jnp.float64 if config.lg_float64 else jnp.float32
+    rows = []
+    with jax.enable_x64(config.lg_float64):
+        x = jnp.asarray(x_np, dtype)
+        decoder = {"kernel": jnp.asarray(model.w.T, dtype), "bias": jnp.asarray(model.b, dtype),
+                   "log_scale": jnp.asarray(math.log(model.noise_std), dtype)}
+        grad_fns = {e: make_grad_fn(_lg_loss(e, config.num_samples, x),
+                                    lambda g: (g["encoder"], g["decoder"]))
+                    for e in config.estimators}
+        for ci, (name, enc) in enumerate((("exact_posterior", exact),
+                                          ("perturbed_posterior", perturbed))):
+            params = {"encoder": jax.tree.map(lambda a: jnp.asarray(a, dtype), enc),
+                      "decoder": decoder}
+            for estimator in config.estimators:
+                figures = measure(grad_fns[estimator], params, jax.random.fold_in(key, 100 + ci),
+                                  num_draws=config.num_draws, chunk=config.chunk)
+                rows.append({"model": "linear_gaussian", "checkpoint": name,
+                             "estimator": estimator, **figures})
+    return rows
+
+
+def _mark_zero_gradients(rows, rel=1e-10):
+    """Sets `encoder_grad_zero` (and the SNR, a ratio of rounding errors there, to None) where
+    the encoder gradient variance is below `rel` times the largest at the same checkpoint."""
+    for r in rows:
+        peers = [p["encoder_grad_variance"] for p in rows
+                 if (p["model"], p["checkpoint"]) == (r["model"], r["checkpoint"])]
+        r["encoder_grad_zero"] = bool(r["encoder_grad_variance"] < rel * max(peers))
+        if r["encoder_grad_zero"]:
+            r["encoder_snr"] = None
+
+
+def ratio_rows(rows) -> list:
+    """Encoder variance of each KL term over k1's, per (model, checkpoint)."""
+    by = {(r["model"], r["checkpoint"], r["estimator"]): r for r in rows}
+    out = []
+    for model, ckpt in dict.fromkeys((r["model"], r["checkpoint"]) for r in rows):
+        k1 = by.get((model, ckpt, "k1"))
+        if k1 is None:
+            continue
+        row = {"model": model, "checkpoint": ckpt}
+        for e in ("analytic", "k3", "stl"):
+            if (model, ckpt, e) in by:
+                row[f"{e}_over_k1"] = (by[(model, ckpt, e)]["encoder_grad_variance"]
+                                       / k1["encoder_grad_variance"])
+        if (model, ckpt, "analytic") in by:
+            row["decoder_analytic_over_k1"] = (by[(model, ckpt, "analytic")]
+                                               ["decoder_grad_variance"]
+                                               / k1["decoder_grad_variance"])
+        out.append(row)
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    """Measures every (model, checkpoint, KL term); writes results.json, results.md, a plot."""
+    workdir = report.prepare_workdir(workdir)
+    key = jax.random.key(config.seed)
+    rows = vae_rows(config, jax.random.fold_in(key, 0))
+    rows += linear_gaussian_rows(config, jax.random.fold_in(key, 1))
+    _mark_zero_gradients(rows)
+    ratios = ratio_rows(rows)
+    exact = {r["estimator"]: r["encoder_grad_variance"] for r in rows
+             if r["checkpoint"] == "exact_posterior"}
+    others = [v for e, v in exact.items() if e != "stl"]
+    stl_relative = exact["stl"] / min(others) if "stl" in exact and others else None
+    results = {"experiment": "gradient_variance", "rows": rows, "ratios": ratios,
+               "exact_posterior_stl_relative_encoder_variance": stl_relative,
+               "linear_gaussian_dtype": "float64" if config.lg_float64 else "float32",
+               "batch_size": config.batch_size, "num_draws": config.num_draws}
+    report.write_json(workdir / "results.json", results)
+    (workdir / "results.md").write_text(_markdown(results, config))
+    _plot(rows, workdir / "gradient_variance.png")
+    print(report.markdown_table(rows, COLUMNS))
+    print(report.markdown_table(ratios, RATIO_COLUMNS))
+    return results
+
+
+def _markdown(results, config) -> str:
+    epochs = ", ".join(f"{k} = {_epochs(v)}" for k, v in checkpoint_epochs(config).items())
+    return (
+        "# Gradient variance of the ELBO under each KL term\n\n"
+        f"Gradient of the negative ELBO (mean over a fixed batch of {config.batch_size}) with"
+        f" respect to the encoder and the decoder parameters, {config.num_draws} independent"
+        f" draws of z ~ q ({config.num_samples} per example per draw), the same keys for every"
+        " KL term. `*_grad_variance` = (1/P) sum_p Var[g_p] (per-parameter variance across"
+        " draws, averaged over the group's P parameters); `*_snr` = |E g| / sqrt(sum_p"
+        " Var[g_p]); `encoder_grad_mean_norm` = |E g| over the draws. Where the encoder"
+        " gradient is zero to rounding (variance < 1e-10 of the largest at that checkpoint) the"
+        " SNR is left empty.\n\n"
+        f"VAE: `{config.train.dataset}`, {config.train.latents} latents, hidden"
+        f" {tuple(config.train.hidden)}, trained with kl={config.train.kl!r} ({epochs}).\n"
+        "Linear-Gaussian: d = {d}, k = {k}, s = {s}, W = Q diag(c) with orthonormal Q so that a"
+        " diagonal q can equal p(z|x) (`exact_posterior`); `perturbed_posterior` moves the"
+        " encoder off it. Computed in {dtype}. At the exact posterior the expected encoder"
+        " gradient is 0, so the SNR there only measures noise.\n\n".format(
+            d=config.lg_obs_dim, k=len(config.lg_scales), s=config.lg_noise_std,
+            dtype=results["linear_gaussian_dtype"])
+        + report.markdown_table(results["rows"], COLUMNS)
+        + "\n## Encoder gradient variance relative to k1 (SGVB-A)\n\n"
+        "k3's figures are unstable from run to run: where q is narrower than p(z) in some"
+        " dimension by a factor 2 in variance, E_q[r^2] diverges (r = p(z)/q(z)), and k3 and its"
+        " gradient have infinite variance; a finite sample of draws reports a finite, noisy"
+        " number.\n\n"
+        "Kingma & Welling's claim: the analytic KL (SGVB-B) gives lower-variance gradients than"
+        " the generic k1 estimator (SGVB-A); `analytic_over_k1` < 1 supports it. The decoder"
+        " gradient does not depend on the KL term (the prior is fixed), so"
+        " `decoder_analytic_over_k1` = 1.\n\n"
+        + report.markdown_table(results["ratios"], RATIO_COLUMNS)
+        + "\nSTL encoder gradient variance at the exact posterior, relative to the smallest of"
+        " the other KL terms': {:.3g}.\n".format(
+            results["exact_posterior_stl_relative_encoder_variance"]))
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _label(row) -> str:
+    text = f"{row['model'].replace('_', '-')}\n{row['checkpoint'].replace('_', ' ')}"
+    return text + (f"\n({_epochs(row['epochs'])})" if "epochs" in row else "")
+
+
+def _plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["model"], r["checkpoint"]) for r in rows))
+    estimators = list(dict.fromkeys(r["estimator"] for r in rows))
+    by = {(r["model"], r["checkpoint"], r["estimator"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
+    width = 0.8 / len(estimators)
+    for ax, part in zip(axes, ("encoder", "decoder")):
+        values = np.array([[by[g + (e,)][f"{part}_grad_variance"] for e in estimators]
+                           for g in groups])
+        positive = values[values > 0]
+        visible = positive[positive > 1e-12 * positive.max()]
+        floor = visible.min() / 30
+        for j, e in enumerate(estimators):
+            xs = np.arange(len(groups)) + (j - (len(estimators) - 1) / 2) * width
+            shown = np.maximum(values[:, j], floor)
+            ax.bar(xs, shown - floor, width, bottom=floor, label=e)
+            for xi, v in zip(xs, values[:, j]):
+                if v < floor:
+                    ax.annotate(f"{e}: {v:.0e}\n(zero to rounding;\nbelow the axis)", (xi, floor),
+                                xytext=(0, 30), textcoords="offset points", ha="center",
+                                fontsize=7, color=f"C{j}",
+                                bbox={"facecolor": "white", "alpha": 0.9, "edgecolor": f"C{j}"},
+                                arrowprops={"arrowstyle": "->", "color": f"C{j}"})
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+        ax.set_xticks(np.arange(len(groups)))
+        ax.set_xticklabels([_label(by[g + (estimators[0],)]) for g in groups], fontsize=8)
+        ax.set_ylabel("mean per-parameter gradient variance")
+        ax.set_xlabel("model and checkpoint")
+        ax.set_title(f"{part.capitalize()} gradient variance of the ELBO, by KL term"
+                     + ("\n(the same for every KL term: the KL does not involve the decoder)"
+                        if part == "decoder" else "\n(log scale; lower is better)"),
+                     fontsize=10)
+        ax.legend(title="KL term", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

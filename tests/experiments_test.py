@@ -1,0 +1,163 @@
+"""End-to-end tests of the experiments of issue 4, through the main job's quick config.
+
+`experiments/configs/main.py:quick` runs every part with that experiment's own quick
+config (checked below), so one run of it (a module fixture, about two minutes on two
+CPU cores) exercises estimators, gradient_variance, compare_training and posterior_gap
+end to end; the tests then check the figures each part wrote.
+"""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import compare_training, main
+from experiments.configs import compare_training as compare_training_config
+from experiments.configs import estimators as estimators_config
+from experiments.configs import gradient_variance as gradient_variance_config
+from experiments.configs import main as main_config
+from experiments.configs import posterior_gap as posterior_gap_config
+
+PART_CONFIGS = {"estimators": estimators_config, "gradient_variance": gradient_variance_config,
+                "compare_training": compare_training_config, "posterior_gap": posterior_gap_config}
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("main")
+    results = main.run(main_config.get_config("quick"), str(workdir))
+    return workdir, results
+
+
+def part(workdir: Path, name: str) -> dict:
+    return json.loads((workdir / name / "results.json").read_text())
+
+
+def test_quick_main_runs_each_experiments_quick_config():
+    config = main_config.get_config("quick")
+    assert config.experiment == "main_job"
+    for name, module in PART_CONFIGS.items():
+        assert config[name].to_dict() == module.get_config("quick").to_dict(), name
+
+
+def test_main_job_writes_every_part(main_run):
+    workdir, results = main_run
+    assert results["parts"] == list(PART_CONFIGS)
+    plots = {"estimators": ["estimators.png"], "gradient_variance": ["gradient_variance.png"],
+             "compare_training": ["learning_curves.png"],
+             "posterior_gap": ["posterior_gap.png", "elbo_vs_log_px.png"]}
+    for name, pngs in plots.items():
+        for file in ["results.json", "results.md", *pngs]:
+            assert (workdir / name / file).stat().st_size > 0, (name, file)
+    summary = (workdir / "results.md").read_text()
+    for name in PART_CONFIGS:
+        assert f"## {name}" in summary
+    assert json.loads((workdir / "results.json").read_text())["total_wall_s"] > 0
+
+
+def test_estimators_reproduce_schulmans_table(main_run):
+    rows = part(main_run[0], "estimators")["rows"]
+    # Schulman (2020), q = N(0, 1): std/true (exact, by quadrature) and k2's bias/true.
+    expected = {(0.1, "k1"): (0.0, 20.0), (0.1, "k2"): (0.0025, 1.418),
+                (0.1, "k3"): (0.0, 1.417), (1.0, "k1"): (0.0, 2.0),
+                (1.0, "k2"): (0.25, 1.732), (1.0, "k3"): (0.0, 1.695)}
+    found = {(r["p_mean"], r["estimator"]): r for r in rows
+             if r["dim"] == 1 and r["num_samples"] == 1 and r["p_log_var"] == 0.0}
+    for key, (bias, std) in expected.items():
+        row = found[key]
+        assert row["std_over_true"] == pytest.approx(std, rel=0.05), key
+        if key[1] == "k2":
+            assert abs(row["bias_over_true"] - bias) < 0.02, key
+
+
+def test_stl_gradient_has_zero_variance_at_the_exact_posterior(main_run):
+    results = part(main_run[0], "gradient_variance")
+    rows = {(r["model"], r["checkpoint"], r["estimator"]): r for r in results["rows"]}
+    estimators = ("analytic", "k1", "k3", "stl")
+    for ckpt in ("init", "early", "converged"):
+        for e in estimators:
+            assert ("vae", ckpt, e) in rows
+    exact = {e: rows[("linear_gaussian", "exact_posterior", e)] for e in estimators}
+    others = min(exact[e]["encoder_grad_variance"] for e in ("analytic", "k1", "k3"))
+    assert others > 1e-3
+    assert exact["stl"]["encoder_grad_variance"] < 1e-10 * others
+    assert results["exact_posterior_stl_relative_encoder_variance"] < 1e-10
+    assert exact["stl"]["encoder_grad_zero"] and exact["stl"]["encoder_snr"] is None
+    # Off the posterior STL's variance is not zero.
+    assert rows[("linear_gaussian", "perturbed_posterior", "stl")]["encoder_grad_variance"] > 1e-4
+    # The decoder gradient does not involve the KL term: the same, non-zero, for every term.
+    for (model, ckpt, _), r in rows.items():
+        k1 = rows[(model, ckpt, "k1")]["decoder_grad_variance"]
+        assert k1 > 0
+        assert r["decoder_grad_variance"] == pytest.approx(k1, rel=1e-5)
+    # Kingma & Welling: the analytic KL (SGVB-B) has lower encoder variance than k1 (SGVB-A).
+    ratios = {(r["model"], r["checkpoint"]): r for r in results["ratios"]}
+    for ckpt in ("init", "early", "converged"):
+        assert ratios[("vae", ckpt)]["analytic_over_k1"] < 1.0
+
+
+def test_posterior_gap_is_the_kl_to_the_posterior(main_run):
+    results = part(main_run[0], "posterior_gap")
+    rows = results["rows"]
+    assert results["max_abs_identity_error"] < 1e-4
+    assert all(r["max_abs_identity_error"] < 1e-4 for r in rows)
+    for r in rows:
+        assert r["mean_gap"] == pytest.approx(r["mean_kl_q_posterior"], abs=1e-9)
+    exact = next(r for r in rows if r["variant"] == "exact_posterior")
+    assert abs(exact["mean_gap"]) < 1e-10
+    # Interpolating from the prior to the posterior: the gap falls monotonically to 0.
+    interp = sorted((r["param"], r["mean_gap"]) for r in rows if r["variant"] == "interpolate")
+    gaps = [g for _, g in interp]
+    assert interp[-1][0] == 1.0 and abs(gaps[-1]) < 1e-10
+    assert all(a > b for a, b in itertools.pairwise(gaps))
+    # Scaling the posterior covariance by c: gap (k/2)(c - 1 - log c), least at c = 1.
+    k = results["model"]["latent_dim"]
+    for r in rows:
+        if r["variant"] == "shrink":
+            c = r["param"]
+            assert r["mean_gap"] == pytest.approx(0.5 * k * (c - 1 - math.log(c)), abs=1e-9)
+    # No diagonal q beats the mean-field floor; a trained full-covariance q gets close to 0.
+    floor = results["mean_field_floor"]
+    for r in rows:
+        if r["variant"] in ("mean_field_optimal", "mean_field_marginals", "trained_mean_field"):
+            assert r["mean_gap"] >= floor - 1e-9, r
+    assert next(r for r in rows if r["variant"] == "mean_field_optimal")["mean_gap"] == \
+        pytest.approx(floor, rel=1e-9)
+    trained = [r for r in rows if r["variant"] == "trained_full"]
+    assert trained[-1]["mean_gap"] < 0.1 < trained[0]["mean_gap"]
+    # The Monte Carlo ELBO agrees with the closed form within its error.
+    for check in results["sampled_check"]:
+        assert abs(check["z_score"]) < 5, check
+
+
+def test_compare_training_has_every_run(main_run, monkeypatch):
+    workdir = main_run[0] / "compare_training"
+    results = json.loads((workdir / "results.json").read_text())
+    config = compare_training_config.get_config("quick")
+    found = {(r["kl"], r["num_samples"]): r for r in results["rows"]}
+    assert set(found) == {(kl, n) for kl in config.kls for n in config.num_samples}
+    for r in found.values():
+        assert r["num_seeds"] == config.train.num_seeds
+        assert len(r["test_elbo_seeds"]) == config.train.num_seeds
+        for field in ("test_elbo_mean", "test_elbo_std", "test_log_likelihood_mean",
+                      "test_log_likelihood_std", "train_wall_s"):
+            assert np.isfinite(r[field]), field
+        assert r["test_elbo_std"] > 0
+        # The IWAE bound is at least the ELBO (up to noise on 300 test examples).
+        assert r["test_log_likelihood_mean"] > r["test_elbo_mean"] - 0.5
+    curves = compare_training.read_curves(workdir / "runs" / "stl_n1" / "metrics.jsonl")
+    assert curves["train"][1].shape[0] == config.train.num_seeds
+    assert curves["eval"][0].size == config.train.num_epochs  # One test ELBO per epoch.
+
+    # A rerun reads the finished runs instead of training them again.
+    from vaekl import train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    again = compare_training.run(config, str(workdir))
+    assert again["rows"] == results["rows"]

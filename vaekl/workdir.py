@@ -16,7 +16,8 @@ from absl import logging
 
 # Fields that may differ when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = ("num_epochs", "eval_importance_samples", "eval_every_epochs",
-                     "eval_importance_samples_during", "log_every_steps", "data_dir",
+                     "eval_importance_samples_during", "eval_elbo_samples", "eval_batch_size",
+                     "eval_chunk_size", "log_every_steps", "data_dir",
                      "data_path")
 # Schedules whose learning rate at every step depends on num_epochs (through the total
 # number of steps): for them a resume with another num_epochs would train something else.

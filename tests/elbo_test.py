@@ -504,3 +504,17 @@ def test_checked_elbo_reports_nonfinite_encoder_output():
         vaekl.checked(fn)(jax.random.key(0), qm, POST[1])
     out = fn(jax.random.key(0), qm, POST[1])
     assert np.isnan(out[1]) and np.all(np.isfinite(np.delete(np.asarray(out), 1)))
+
+
+@pytest.mark.parametrize("kl_term", ["analytic", "k1", "k3", "stl"])
+def test_prior_none_means_the_standard_normal(kl_term):
+    """prior=None is the standard normal for every KL term, and for IWAE."""
+    key = jax.random.key(3)
+    mean, log_var = jnp.full((4, 3), 0.2), jnp.full((4, 3), -0.5)
+    log_lik = lambda z: -0.5 * jnp.sum(jnp.square(z - 1.0), axis=-1)
+    got = vaekl.elbo.elbo(key, mean, log_var, log_lik, None, kl=kl_term, num_samples=3)
+    want = vaekl.elbo.elbo(key, mean, log_var, log_lik, kl=kl_term, num_samples=3)
+    np.testing.assert_array_equal(got.elbo, want.elbo)
+    np.testing.assert_array_equal(
+        vaekl.elbo.iwae(key, mean, log_var, log_lik, None, num_samples=5),
+        vaekl.elbo.iwae(key, mean, log_var, log_lik, num_samples=5))

@@ -41,11 +41,11 @@ def _check(name, key, q_mean, q_log_var, log_likelihood, prior, num_samples):
         raise TypeError(
             f"{name}: `log_likelihood` must be a function z -> log p(x|z), got"
             f" {type(log_likelihood).__name__}.")
-    kl_lib._resolve_prior(name, 0.0, 0.0, prior)
+    prior = kl_lib._resolve_prior(name, 0.0, 0.0, prior)  # None: the standard normal.
     args = validate.floating(name, q_mean=q_mean, q_log_var=q_log_var)
     shape = validate.event_shape(name, args, min_ndim=("q_mean", "q_log_var"))
     validate.finite(name, **args)
-    return args["q_mean"], args["q_log_var"], shape, num_samples
+    return args["q_mean"], args["q_log_var"], prior, shape, num_samples
 
 
 def _log_likelihood(name, log_likelihood, z):
@@ -76,7 +76,7 @@ def elbo(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Arr
     """
     name = "vaekl.elbo.elbo"
     validate.choice(name, "kl", kl, KL_TERMS)
-    q_mean, q_log_var, _, num_samples = _check(
+    q_mean, q_log_var, prior, _, num_samples = _check(
         name, key, q_mean, q_log_var, log_likelihood, prior, num_samples)
     z, eps = kl_lib.reparameterize(key, q_mean, q_log_var, num_samples)
     distortion = -jnp.mean(_log_likelihood(name, log_likelihood, z), axis=0)
@@ -113,7 +113,7 @@ def iwae(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Arr
       The bound per sample, shape [...]; K = 1 gives a one-sample k1 ELBO.
     """
     name = "vaekl.elbo.iwae"
-    q_mean, q_log_var, shape, num_samples = _check(
+    q_mean, q_log_var, prior, shape, num_samples = _check(
         name, key, q_mean, q_log_var, log_likelihood, prior, num_samples)
     chunk = num_samples if chunk_size is None else validate.positive_int(
         name, "chunk_size", chunk_size)

@@ -32,7 +32,9 @@ def expm1mx(x: jax.Array) -> jax.Array:
     """e^x - 1 - x without cancellation near 0 (elementwise, any shape).
 
     For |x| < 0.1 a Taylor series to x^10 (truncation below 1e-16 relative),
-    elsewhere `expm1(x) - x`, whose cancellation costs at most 2 eps/|x|.
+    elsewhere `expm1(x) - x`, whose cancellation costs about 2 eps/|x| on top of
+    expm1's own error: in float32 at most 6e-6 relative (measured just above
+    |x| = 0.1), 2e-7 away from there.
     """
     small = jnp.abs(x) < _SERIES_RADIUS
     xs = jnp.where(small, x, 0.0)
@@ -99,7 +101,8 @@ def analytic_full(q_mean: jax.typing.ArrayLike, q_scale_tril: jax.typing.ArrayLi
 
     With M = L_p^-1 L_q and y = L_p^-1 (q_mean - p_mean):
       KL = 1/2 [ sum_{i!=j} M_ij^2 + sum_i (M_ii^2 - 1 - log M_ii^2) + |y|^2 ],
-    the diagonal part through `expm1mx`, so KL(q || q) is exactly 0.
+    the diagonal part through `expm1mx`. KL(q || q) is 0 up to the rounding of
+    the triangular solve (a few squared ulps, below 1e-12 in float32).
 
     Args:
       q_mean: shape [..., dim].
@@ -113,7 +116,10 @@ def analytic_full(q_mean: jax.typing.ArrayLike, q_scale_tril: jax.typing.ArrayLi
     name = "vaekl.kl.analytic_full"
     args = validate.floating(name, q_mean=q_mean, q_scale_tril=q_scale_tril, p_mean=p_mean)
     q_mean, q_scale_tril, p_mean = args.values()
-    dim = jnp.shape(q_mean)[-1] if jnp.ndim(q_mean) else None
+    if jnp.ndim(q_mean) < 1:
+        raise ValueError(f"{name}: `q_mean` must have a last (event) axis, shape [..., dim];"
+                         " got a scalar.")
+    dim = jnp.shape(q_mean)[-1]
     if jnp.ndim(q_scale_tril) < 2 or q_scale_tril.shape[-2:] != (dim, dim):
         raise ValueError(
             f"{name}: `q_scale_tril` must have shape [..., {dim}, {dim}] to match"
@@ -164,6 +170,7 @@ def log_ratio(z: jax.Array, eps: jax.Array, q_log_var: jax.Array, prior: Prior) 
 
 def estimate(estimator: str, log_r: jax.Array) -> jax.Array:
     """Maps log r = log p(z) - log q(z) to the k1, k2 or k3 estimate (elementwise)."""
+    validate.choice("vaekl.kl.estimate", "estimator", estimator, ESTIMATORS)
     if estimator == "k1":
         return -log_r
     if estimator == "k2":

@@ -1,0 +1,22 @@
+"""The benchmark's quick mode runs end to end (its numbers mean nothing there)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_quick_writes_every_key(tmp_path):
+    subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--out={tmp_path}", "--quick",
+                    "--notorch"], cwd=REPO, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "benchmark.json").read_text())
+    for key in ("train_step_vs_matmul", "kl_vs_sum_bandwidth", "iwae5000_peak_rss_gb",
+                "iwae5000_vs_matmul", "vmap8_vs_1", "import_s", "compile_s"):
+        assert key in res, key
+    for key in ("train_step_vs_matmul", "kl_vs_sum_bandwidth", "vmap8_vs_1",
+                "iwae5000_vs_matmul"):
+        assert res[key] > 0
+    assert 0 < res["iwae5000_peak_rss_gb"] < 100
+    assert "train_step_vs_matmul" in (tmp_path / "benchmark.md").read_text()

@@ -1,8 +1,8 @@
 """Test-set evaluation: ELBO, IWAE log-likelihood, rate, distortion, active units.
 
-The test set is padded to whole batches and mapped with `lax.map` inside one
-jitted call per number of importance samples; the figures are means over the
-real (unpadded) examples, in nats per example.
+The test set is padded to whole batches, each evaluated by one jitted call (the
+same executable for every batch); the figures are means over the real
+(unpadded) examples, in nats per example.
 """
 
 import functools
@@ -59,7 +59,7 @@ class Evaluator:
         num_batches = -(-len(test_data) // batch)
         pad = num_batches * batch - len(test_data)
         x = np.concatenate([test_data.x, np.zeros((pad, test_data.dim), np.float32)])
-        self._x = jnp.asarray(x.reshape(num_batches, batch, test_data.dim))
+        self._x = x.reshape(num_batches, batch, test_data.dim)
         self._n = len(test_data)
         self._exact = None
         if test_data.model is not None:
@@ -71,7 +71,8 @@ class Evaluator:
         self._likelihood = model.likelihood
 
     @functools.lru_cache(maxsize=4)
-    def _per_example_fn(self, importance_samples: int):
+    def _batch_fn(self, importance_samples: int):
+        """A jitted (params, x [B, D], key) -> per-example figures, vmapped over seeds."""
         model, config = self._model, self._config
 
         def one_batch(params, x, key):
@@ -93,22 +94,33 @@ class Evaluator:
                     chunk_size=config.eval_chunk_size)
             return out
 
-        def per_example(params, keys):
-            batch_keys = jax.random.split(keys["eval"], self._x.shape[0])
-            out = jax.lax.map(lambda a: one_batch(params, *a), (self._x, batch_keys))
-            return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:])[: self._n], out)
-
         if self._vmapped:
-            per_example = jax.vmap(per_example)
-        return jax.jit(per_example)
+            one_batch = jax.vmap(one_batch, in_axes=(0, None, 0))
+        return jax.jit(one_batch)
+
+    def _per_example(self, params, importance_samples: int) -> dict:
+        """Figures per test example, [N, ...] (or [seeds, N, ...]), as NumPy arrays.
+
+        A Python loop over test batches, one device call each: memory stays that
+        of one batch (with `eval_chunk_size` importance samples at a time).
+        """
+        fn = self._batch_fn(importance_samples)
+        num_batches = self._x.shape[0]
+        split = functools.partial(jax.random.split, num=num_batches)
+        keys = (jax.vmap(split)(self._keys["eval"]) if self._vmapped
+                else split(self._keys["eval"]))
+        axis = 1 if self._vmapped else 0
+        outs = [fn(params, self._x[i], keys[:, i] if self._vmapped else keys[i])
+                for i in range(num_batches)]
+        return {k: np.concatenate([np.asarray(o[k]) for o in outs], axis)
+                .take(np.arange(self._n), axis) for k in outs[0]}
 
     def summary(self, params, *, importance_samples: int) -> dict:
         """Scalars (lists over seeds when vmapped): test ELBO, rate, distortion, ...
 
         `importance_samples` = 0 skips the IWAE estimate.
         """
-        out = jax.tree.map(np.asarray, self._per_example_fn(importance_samples)(params,
-                                                                                self._keys))
+        out = self._per_example(params, importance_samples)
         figures = {
             "test_elbo": out["elbo"].mean(-1),
             "test_rate": out["rate"].mean(-1),

@@ -457,3 +457,21 @@ def test_collect_errors_name_the_flag(tmp_path):
         collect.collect(tmp_path, group_by=["nope"])
     with pytest.raises(ValueError, match=r"--metric: unknown column\(s\) \['kl'\]"):
         collect.collect(tmp_path, metric="kl")
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path):
+    """The shipped `smoke` sweep (8 training runs on digits) at --parallel=2, then collect."""
+    root = tmp_path / "smoke"
+    result = launch("--sweep=smoke", f"--root={root}", "--parallel=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [p.name for p in root.iterdir() if (p / "results.json").exists()]
+    assert len(names) >= 8
+    again = launch("--sweep=smoke", f"--root={root}", "--parallel=2")
+    assert again.returncode == 0
+    assert all(record(root, n)["attempts"] == 1 for n in names)  # the rerun started nothing
+    collected = subprocess.run([sys.executable, "-m", "launch.collect", f"--root={root}"],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stderr
+    assert (root / "results.csv").exists() and (root / "summary.md").exists()
+    assert "test_elbo" in (root / "summary.md").read_text()

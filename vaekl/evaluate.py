@@ -110,10 +110,12 @@ class Evaluator:
         keys = (jax.vmap(split)(self._keys["eval"]) if self._vmapped
                 else split(self._keys["eval"]))
         axis = 1 if self._vmapped else 0
-        outs = [fn(params, self._x[i], keys[:, i] if self._vmapped else keys[i])
+        # Fetching each batch before the next is dispatched keeps one batch in flight.
+        outs = [jax.tree.map(np.asarray, fn(params, self._x[i],
+                                            keys[:, i] if self._vmapped else keys[i]))
                 for i in range(num_batches)]
-        return {k: np.concatenate([np.asarray(o[k]) for o in outs], axis)
-                .take(np.arange(self._n), axis) for k in outs[0]}
+        return {k: np.concatenate([o[k] for o in outs], axis).take(np.arange(self._n), axis)
+                for k in outs[0]}
 
     def summary(self, params, *, importance_samples: int) -> dict:
         """Scalars (lists over seeds when vmapped): test ELBO, rate, distortion, ...

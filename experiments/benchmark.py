@@ -151,7 +151,6 @@ def bench_matmul_chain(repeats, steps):
 
 def bench_torch(steps, repeats, compiled):
     """Seconds per step of the equivalent PyTorch training step (CPU, same threads)."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
 

@@ -15,7 +15,6 @@ sharded over them (`jax.sharding`, parameters replicated).
 import functools
 import json
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax

@@ -11,14 +11,12 @@ DIR/runs/<kl>_n<num_samples>; rerunning skips runs that finished.
 
 import ml_collections
 
+from experiments.configs import presets
 from experiments.configs import train as train_config
 
 
 def get_config(arg=None):
-    quick = arg == "quick"
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"compare_training config: unknown preset {arg!r}; expected quick or"
-                         " none.")
+    quick = presets.is_quick("compare_training", arg)
     config = ml_collections.ConfigDict()
     config.experiment = "compare_training"
     config.kls = ("analytic", "k1", "k3", "stl")

@@ -12,6 +12,8 @@ Schulman's table (q = N(0,1) against N(0.1,1) and N(1,1)).
 
 import ml_collections
 
+from experiments.configs import presets
+
 
 def _case(p_mean, p_log_var=0.0, dim=1, num_samples=1, q_mean=0.0, q_log_var=0.0):
     return dict(q_mean=q_mean, q_log_var=q_log_var, p_mean=p_mean, p_log_var=p_log_var,
@@ -19,7 +21,7 @@ def _case(p_mean, p_log_var=0.0, dim=1, num_samples=1, q_mean=0.0, q_log_var=0.0
 
 
 def get_config(arg=None):
-    quick = arg == "quick"
+    quick = presets.is_quick("estimators", arg)
     config = ml_collections.ConfigDict()
     config.experiment = "estimators"
     config.seed = 0

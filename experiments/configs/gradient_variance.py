@@ -11,14 +11,12 @@ whose exact posterior a diagonal linear encoder matches exactly.
 
 import ml_collections
 
+from experiments.configs import presets
 from experiments.configs import train as train_config
 
 
 def get_config(arg=None):
-    quick = arg == "quick"
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"gradient_variance config: unknown preset {arg!r}; expected quick or"
-                         " none.")
+    quick = presets.is_quick("gradient_variance", arg)
     config = ml_collections.ConfigDict()
     config.experiment = "gradient_variance"
     config.seed = 0

@@ -18,13 +18,12 @@ Any part's field can be overridden, e.g. --config.compare_training.train.num_epo
 
 import ml_collections
 
-from experiments.configs import compare_training, estimators, gradient_variance, posterior_gap
+from experiments.configs import (compare_training, estimators, gradient_variance,
+                                 posterior_gap, presets)
 
 
 def get_config(arg=None):
-    quick = arg == "quick"
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"main config: unknown preset {arg!r}; expected quick or none.")
+    quick = presets.is_quick("main", arg)
     config = ml_collections.ConfigDict()
     config.experiment = "main_job"
     config.parts = ("estimators", "gradient_variance", "compare_training", "posterior_gap")

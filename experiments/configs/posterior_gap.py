@@ -12,11 +12,11 @@ the decoder fixed at the true model.
 
 import ml_collections
 
+from experiments.configs import presets
+
 
 def get_config(arg=None):
-    quick = arg == "quick"
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"posterior_gap config: unknown preset {arg!r}; expected quick or none.")
+    quick = presets.is_quick("posterior_gap", arg)
     config = ml_collections.ConfigDict()
     config.experiment = "posterior_gap"
     config.seed = 0

@@ -893,3 +893,13 @@ def test_checked_sampled_and_full():
 def test_estimate_refuses_an_unknown_estimator():
     with pytest.raises(ValueError, match="estimator.*k1"):
         vaekl.kl.estimate("k4", jnp.zeros(3))
+
+
+def test_analytic_per_dim_sums_to_analytic():
+    rng = np.random.default_rng(5)
+    qm, qlv, pm, plv = (jnp.asarray(rng.normal(size=(7, 4)), jnp.float32) for _ in range(4))
+    per_dim = vaekl.kl.analytic_per_dim(qm, qlv, pm, plv)
+    assert per_dim.shape == (7, 4)
+    np.testing.assert_array_equal(jnp.sum(per_dim, -1), vaekl.kl.analytic(qm, qlv, pm, plv))
+    with pytest.raises(ValueError, match="analytic_per_dim.*no closed form"):
+        vaekl.kl.analytic_per_dim(qm, qlv, prior=vaekl.priors.mixture(jax.random.key(0), 2, 4))

@@ -22,8 +22,7 @@ def _per_dim_kl(mean, log_var, prior):
     """Analytic KL per latent dimension, [..., latents] (zeros for a non-Gaussian prior)."""
     if not isinstance(prior, DiagNormal):
         return jnp.zeros_like(mean)
-    return 0.5 * (jnp.square(mean - prior.mean) * jnp.exp(-jnp.asarray(prior.log_var))
-                  + kl.expm1mx(log_var - prior.log_var))
+    return kl.analytic_per_dim(mean, log_var, prior=prior)
 
 
 def linear_gaussian_log_marginal(model: models.VAE, params, x: jax.Array) -> jax.Array:

@@ -99,8 +99,7 @@ def make_loss_fn(model: models.VAE, config):
         beta_t = beta * jnp.minimum(1.0, (step + 1) / warmup) if warmup else beta
         if free_bits:
             # Kingma et al. (2016): each dimension's batch-mean KL counts at least free_bits.
-            per_dim = 0.5 * (jnp.square(mean - prior.mean) * jnp.exp(-prior.log_var)
-                             + kl.expm1mx(log_var - prior.log_var))
+            per_dim = kl.analytic_per_dim(mean, log_var, prior=prior)
             rate_term = jnp.sum(jnp.maximum(free_bits, jnp.mean(per_dim, axis=0)))
         else:
             rate_term = jnp.mean(bound.rate)

@@ -308,22 +308,22 @@ def tfds_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-@pytest.fixture(scope="module")
-def mnist_dir(tfds_dir):
+def _prepared(name: str, tfds_dir: Path) -> Path:
+    """tfds_dir with `name` prepared from ../shared/data/<name> (skips without TensorFlow)."""
     if not HAS_TENSORFLOW:
         pytest.skip("preparing a tfds data set needs TensorFlow (tensorflow-cpu)")
-    manual = _shared("mnist")
-    prepare.prepare("mnist", manual_dir=manual, data_dir=tfds_dir)
+    prepare.prepare(name, manual_dir=_shared(name), data_dir=tfds_dir)
     return tfds_dir
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tfds_dir):
+    return _prepared("mnist", tfds_dir)
 
 
 @pytest.fixture(scope="module")
 def binarized_mnist_dir(tfds_dir):
-    if not HAS_TENSORFLOW:
-        pytest.skip("preparing a tfds data set needs TensorFlow (tensorflow-cpu)")
-    manual = _shared("binarized_mnist")
-    prepare.prepare("binarized_mnist", manual_dir=manual, data_dir=tfds_dir)
-    return tfds_dir
+    return _prepared("binarized_mnist", tfds_dir)
 
 
 def _idx(path: Path, offset: int) -> np.ndarray:

@@ -29,6 +29,10 @@ flags.DEFINE_string("data_dir", None, "tfds data_dir with binarized_mnist prepar
                     " time_to_elbo_s); skipped when the data set is not prepared there.")
 flags.DEFINE_integer("iwae_images", 1000, "Test images for the IWAE-5000 measurement.")
 flags.DEFINE_bool("torch", True, "Measure the PyTorch peer (needs torch).")
+SECTIONS = ("import", "step", "torch", "kl", "vmap8", "iwae", "elbo")
+flags.DEFINE_list("sections", list(SECTIONS), f"Which measurements to run, of {SECTIONS}"
+                  " ('step' also gives compile_s and the matmul roofline; 'torch', 'vmap8'"
+                  " and 'iwae' need it).")
 flags.mark_flag_as_required("out")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,24 +283,33 @@ def bench_time_to_elbo(data_dir, out, target=-103.6):
 
 def main(argv):
     del argv
+    sections = set(FLAGS.sections)
+    if not sections <= set(SECTIONS):
+        raise app.UsageError(f"--sections: expected names from {SECTIONS}, got"
+                             f" {sorted(sections - set(SECTIONS))}")
+    if sections & {"torch", "vmap8", "iwae"}:
+        sections.add("step")
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     quick, repeats = FLAGS.quick, 2 if FLAGS.quick else FLAGS.repeats
     steps = 20 if quick else 390
     res = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-           "cpu_count": os.cpu_count(), "quick": quick}
+           "cpu_count": os.cpu_count(), "quick": quick, "sections": sorted(sections)}
     import jax
 
     res["jax"] = jax.__version__
     res["device"] = str(jax.devices()[0])
-    res["import_s"] = bench_import(repeats)
-    vaekl_step, res["compile_s"] = bench_vaekl_step(steps, repeats)
-    res["vaekl_step_s"] = vaekl_step
-    chain, flops = bench_matmul_chain(repeats, steps)
-    res["matmul_chain_step_s"] = chain
-    res["train_step_vs_matmul"] = chain["median"] / vaekl_step["median"]
-    res["step_gflop_per_s"] = flops / vaekl_step["median"] / 1e9
-    if FLAGS.torch:
+    if "import" in sections:
+        res["import_s"] = bench_import(repeats)
+    if "step" in sections:
+        vaekl_step, res["compile_s"] = bench_vaekl_step(steps, repeats)
+        res["vaekl_step_s"] = vaekl_step
+        chain, flops = bench_matmul_chain(repeats, steps)
+        res["matmul_chain_step_s"] = chain
+        res["train_step_vs_matmul"] = chain["median"] / vaekl_step["median"]
+        res["step_gflop_per_s"] = flops / vaekl_step["median"] / 1e9
+        res["matmul_gflop_per_s"] = flops / chain["median"] / 1e9
+    if "torch" in sections and FLAGS.torch:
         import torch
 
         res["torch"] = torch.__version__
@@ -305,19 +318,21 @@ def main(argv):
         res["train_step_vs_torch"] = res["torch_eager_step_s"]["median"] / vaekl_step["median"]
         res["train_step_vs_torch_compile"] = (res["torch_compile_step_s"]["median"]
                                               / vaekl_step["median"])
-    bw = bench_kl_bandwidth(repeats, 10_000 if quick else 1_000_000)
-    res["kl_bandwidth"] = bw
-    res["kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["kl_s"]["median"]
-    seeds8, _ = bench_vaekl_step(steps, repeats, num_seeds=8)
-    res["vaekl_step_8_seeds_s"] = seeds8
-    # Examples per second per seed x 8 against one seed's examples per second.
-    res["vmap8_vs_1"] = 8 * vaekl_step["median"] / seeds8["median"]
-    images, samples = (20, 50) if quick else (FLAGS.iwae_images, 5000)
-    res["iwae"] = _iwae_in_subprocess(images, samples, repeats)
-    res["iwae5000_peak_rss_gb"] = res["iwae"]["peak_rss_gb"]
-    res["matmul_gflop_per_s"] = flops / chain["median"] / 1e9
-    res["iwae5000_vs_matmul"] = res["iwae"]["gflop_per_s"] / res["matmul_gflop_per_s"]
-    if FLAGS.data_dir and not quick:
+    if "kl" in sections:
+        bw = bench_kl_bandwidth(repeats, 10_000 if quick else 1_000_000)
+        res["kl_bandwidth"] = bw
+        res["kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["kl_s"]["median"]
+    if "vmap8" in sections:
+        seeds8, _ = bench_vaekl_step(steps, repeats, num_seeds=8)
+        res["vaekl_step_8_seeds_s"] = seeds8
+        # Examples per second per seed x 8 against one seed's examples per second.
+        res["vmap8_vs_1"] = 8 * vaekl_step["median"] / seeds8["median"]
+    if "iwae" in sections:
+        images, samples = (20, 50) if quick else (FLAGS.iwae_images, 5000)
+        res["iwae"] = _iwae_in_subprocess(images, samples, repeats)
+        res["iwae5000_peak_rss_gb"] = res["iwae"]["peak_rss_gb"]
+        res["iwae5000_vs_matmul"] = res["iwae"]["gflop_per_s"] / res["matmul_gflop_per_s"]
+    if "elbo" in sections and FLAGS.data_dir and not quick:
         res.update(bench_time_to_elbo(FLAGS.data_dir, out))
     (out / "benchmark.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / "benchmark.md").write_text(_markdown(res))
@@ -334,8 +349,10 @@ def _markdown(res):
         if k in res:
             v = res[k]
             lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    lines.append(f"| import_s (median) | {res['import_s']['median']:.3f} |")
-    lines.append(f"| compile_s | {res['compile_s']:.3f} |")
+    if "import_s" in res:
+        lines.append(f"| import_s (median) | {res['import_s']['median']:.3f} |")
+    if "compile_s" in res:
+        lines.append(f"| compile_s | {res['compile_s']:.3f} |")
     for k in ("vaekl_step_s", "matmul_chain_step_s", "torch_eager_step_s", "torch_compile_step_s",
               "vaekl_step_8_seeds_s"):
         if k in res:

@@ -86,7 +86,7 @@ def bench_vaekl_step(steps, repeats, num_seeds=1):
     model = train.models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
     tx = train.create_optimizer(config, steps)
     x = jnp.asarray(_fake_binary_data(steps * BATCH))
-    epoch_fn = train.make_epoch_fn(model, config, tx, x, steps_per_epoch=steps, binarize=False)
+    epoch_fn = train.make_epoch_fn(model, config, tx, steps_per_epoch=steps, binarize=False)
 
     def init(keys):
         params = model.init(keys["init"], x[:1], jnp.zeros((1, LATENTS)))
@@ -95,19 +95,19 @@ def bench_vaekl_step(steps, repeats, num_seeds=1):
     keys = [train.seed_keys(s) for s in range(num_seeds)]
     if num_seeds > 1:
         keys = jax.tree.map(lambda *k: jnp.stack(k), *keys)
-        init, epoch_fn = jax.vmap(init), jax.vmap(epoch_fn, in_axes=(0, 0, None))
+        init, epoch_fn = jax.vmap(init), jax.vmap(epoch_fn, in_axes=(0, 0, None, None))
     else:
         keys = keys[0]
     state = jax.jit(init)(keys)
     step = jax.jit(epoch_fn, donate_argnums=(0,))
     t0 = time.perf_counter()
-    state, _ = step(state, keys, 0)
+    state, _ = step(state, keys, 0, x)
     jax.block_until_ready(state)
     first_call = time.perf_counter() - t0
     holder = [state]
 
     def run():
-        holder[0], metrics = step(holder[0], keys, 1)
+        holder[0], metrics = step(holder[0], keys, 1, x)
         jax.block_until_ready(metrics)
 
     times = _timeit(run, repeats)

@@ -153,8 +153,8 @@ def _vae_checkpoints(config):
     keys = train.seed_keys(cfg.seed)
     params = model.init(keys["init"], jnp.zeros((1, train_data.dim)), jnp.zeros((1, cfg.latents)))
     state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    epoch_fn = jax.jit(train.make_epoch_fn(model, cfg, tx, jnp.asarray(train_data.x),
-                                           steps_per_epoch=steps_per_epoch,
+    train_x = jnp.asarray(train_data.x)
+    epoch_fn = jax.jit(train.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
                                            binarize=train_data.dynamic_binarization))
     out = {}
     for epoch in range(cfg.num_epochs + 1):
@@ -162,7 +162,7 @@ def _vae_checkpoints(config):
             if e == epoch:
                 out[name] = state.params
         if epoch < cfg.num_epochs:
-            state, _ = epoch_fn(state, keys, epoch)
+            state, _ = epoch_fn(state, keys, epoch, train_x)
     return model, cfg, {name: out[name] for name in epochs}
 
 

@@ -132,13 +132,16 @@ class MetricsLog:
         with open(self._path, "a") as f:
             f.write(line + "\n")
 
-    def write_train(self, metrics: dict, *, first_step: int, every: int) -> None:
+    def write_train(self, metrics: dict, *, first_step: int, every: int,
+                    at_step: tuple = ()) -> None:
         """Logs at each step divisible by `every` the mean over the steps since the last log.
 
         Args:
           metrics: name -> [steps] (or [seeds, steps]) values of consecutive steps.
           first_step: the step number of the first value (steps count from 1).
           every: the logging period in steps.
+          at_step: names logged as their value at the logged step, not the window
+            mean (metrics computed only at those steps).
         """
         num = next(iter(metrics.values())).shape[-1]
         for end in range(first_step, first_step + num):
@@ -148,7 +151,8 @@ class MetricsLog:
             hi = end - first_step + 1
             row = {}
             for name, values in metrics.items():
-                window = np.mean(values[..., lo:hi], axis=-1)
+                window = (values[..., hi - 1] if name in at_step
+                          else np.mean(values[..., lo:hi], axis=-1))
                 row[name] = window.tolist() if window.ndim else float(window)
             self.write(end, "train", row)
 

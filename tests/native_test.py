@@ -1,0 +1,107 @@
+"""The native CPU kernel behind `kl.analytic` for large float32 inputs."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vaekl import kl, native
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS, DIM = 4096, 64  # 2^18 elements: above native.MIN_ELEMENTS.
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None
+                                and shutil.which("c++") is None, reason="no C++ compiler")
+
+
+def _reference(mean, log_var):
+    """float64 NumPy: 1/2 sum(mean^2 + expm1(lv) - lv), exact enough for float32 inputs."""
+    m, lv = np.asarray(mean, np.float64), np.asarray(log_var, np.float64)
+    small = np.abs(lv) < 1e-3
+    expm1mx = np.where(small, lv**2 / 2 + lv**3 / 6 + lv**4 / 24, np.expm1(lv) - lv)
+    return 0.5 * np.sum(m * m + expm1mx, axis=-1)
+
+
+def _inputs(seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(ROWS, DIM)).astype(np.float32)
+    log_var = (rng.normal(size=(ROWS, DIM)) * scale).astype(np.float32)
+    return mean, log_var
+
+
+def test_the_kernel_builds_and_is_what_analytic_runs_for_large_float32():
+    assert native.available()
+    mean, log_var = _inputs()
+    hlo = jax.jit(kl.analytic).lower(mean, log_var).as_text()
+    assert native.TARGET in hlo
+    small = jax.jit(kl.analytic).lower(mean[:8], log_var[:8]).as_text()
+    assert native.TARGET not in small  # Small inputs stay in XLA, fused with their neighbours.
+    other_prior = jax.jit(kl.analytic).lower(mean, log_var, 0.0, jnp.zeros(DIM)).as_text()
+    assert native.TARGET not in other_prior  # Any other prior: XLA's formulation.
+
+
+def test_matches_float64_to_float32_rounding():
+    mean, log_var = _inputs()
+    got = np.asarray(jax.jit(kl.analytic)(mean, log_var))
+    np.testing.assert_allclose(got, _reference(mean, log_var), rtol=2e-6)
+    # ... and XLA's own formulation of the same sums.
+    xla = np.asarray(jax.jit(lambda m, v: jnp.sum(kl.analytic_per_dim(m, v), -1))(mean, log_var))
+    np.testing.assert_allclose(got, xla, rtol=2e-6)
+
+
+@pytest.mark.parametrize("magnitude", [1e-8, 1e-5, 1e-3, 0.1, 0.4999, 0.5, 0.5001, 5.0, 30.0,
+                                       80.0])
+def test_relative_accuracy_at_every_scale_of_the_variance_ratio(magnitude):
+    # mean = 0, every log-variance +-magnitude: the KL is sum(e^x - 1 - x)/2, tiny near 0.
+    log_var = np.full((ROWS, DIM), magnitude, np.float32)
+    log_var[::2] *= -1
+    got = np.asarray(kl.analytic(np.zeros_like(log_var), log_var))
+    ref = _reference(np.zeros_like(log_var), log_var)
+    assert np.all(got > 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_exact_zero_at_the_prior_and_non_finite_values_propagate():
+    mean, log_var = np.zeros((ROWS, DIM), np.float32), np.zeros((ROWS, DIM), np.float32)
+    log_var[1, 3], log_var[2, 0], mean[3, 5] = np.nan, 100.0, np.inf
+    got = np.asarray(kl.analytic(mean, log_var))
+    assert got[0] == 0.0 and np.all(got[4:] == 0.0)
+    assert np.isnan(got[1]) and got[2] == np.inf and got[3] == np.inf
+
+
+def test_gradients_and_vmap():
+    mean, log_var = (jnp.asarray(a) for a in _inputs(1, scale=1.0))
+    g_mean, g_log_var = jax.grad(lambda m, v: jnp.sum(kl.analytic(m, v)), (0, 1))(mean, log_var)
+    np.testing.assert_allclose(g_mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(g_log_var, 0.5 * jnp.expm1(log_var), rtol=1e-6, atol=1e-7)
+    batched = jax.vmap(kl.analytic)(mean.reshape(4, -1, DIM), log_var.reshape(4, -1, DIM))
+    np.testing.assert_allclose(batched.reshape(-1), kl.analytic(mean, log_var), rtol=1e-7)
+
+
+def _run(env_extra, tmp_path):
+    code = ("import numpy as np, jax; from vaekl import kl, native;"
+            " x = np.linspace(-3, 3, 4096 * 64, dtype=np.float32).reshape(4096, 64);"
+            " print(native.available(), float(kl.analytic(x, x).sum()),"
+            " native.TARGET in jax.jit(kl.analytic).lower(x, x).as_text())")
+    env = {**os.environ, "VAEKL_CACHE": str(tmp_path), **env_extra}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+    available, total, used = proc.stdout.split()
+    return available == "True", float(total), used == "True", proc.stderr
+
+
+def test_without_the_kernel_vaekl_uses_xla_with_the_same_values(tmp_path):
+    built, total, used, _ = _run({}, tmp_path / "fresh")
+    assert built and used and list((tmp_path / "fresh").glob("kl_diag-*.so"))
+    off, total_off, used_off, _ = _run({"VAEKL_NATIVE": "0"}, tmp_path / "off")
+    assert not off and not used_off
+    broken, total_broken, used_broken, log = _run({"CXX": "false"}, tmp_path / "broken")
+    assert not broken and not used_broken
+    assert "native KL kernel is unavailable" in log
+    np.testing.assert_allclose([total_off, total_broken], total, rtol=1e-6)

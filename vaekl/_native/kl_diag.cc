@@ -1,0 +1,101 @@
+// Per-row KL(N(mean, diag e^log_var) || N(0, I)) for float32 [rows, dim] arrays, one pass.
+//
+// XLA:CPU does not fuse this reduction into one vectorised loop (see BENCHMARKS.md);
+// this kernel reads each input once and splits rows over XLA's intra-op threads.
+// Per element it computes mean^2 + (e^x - 1 - x), x = log_var, from a vectorisable
+// exp whose range reduction keeps e^x - 1 - x free of cancellation near 0.
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float expm1mx(float x) {
+  // e^x - 1 - x from exp's own range reduction, x = k ln2 + r with |r| <= ln2/2:
+  //   e^x - 1 - x = (2^k - 1 - k ln2) + (2^k - 1) r + 2^k r^2 Q(r),
+  // Q(r) = (e^r - 1 - r)/r^2 by its Taylor series to r^5 (truncation below 8e-8).
+  // For |x| < ln2/2, k = 0 and this is r^2 Q(r) with r = x exactly: no cancellation
+  // near 0 and exactly 0 at 0; elsewhere the three terms lose at most ~5x in rounding.
+  const float xc = x < -87.0f ? -87.0f : (x > 88.5f ? 88.5f : x);  // Not fmin: a libm call.
+  // Round to nearest by the 1.5 * 2^23 trick (|x log2 e| < 2^22): vectorises, unlike nearbyint.
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float q = 1.0f / 5040.0f;
+  q = q * r + 1.0f / 720.0f;
+  q = q * r + 1.0f / 120.0f;
+  q = q * r + 1.0f / 24.0f;
+  q = q * r + 1.0f / 6.0f;
+  q = q * r + 0.5f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  const float c = ((two_k - 1.0f) - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float out = (c + (two_k - 1.0f) * r) + two_k * (r * r) * q;
+  // Below -87, e^x is 0 to float32 precision and -1 - x is linear: shift by xc - x.
+  out += xc - x;
+  // A NaN x propagates through r; above 88.5 e^x overflows.
+  return x > 88.5f ? std::numeric_limits<float>::infinity() : out;
+}
+
+void rows_kl(const float* mean, const float* log_var, float* out, int64_t begin, int64_t end,
+             int64_t dim) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* m = mean + i * dim;
+    const float* v = log_var + i * dim;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < dim; ++j) acc += m[j] * m[j] + expm1mx(v[j]);
+    out[i] = 0.5f * acc;
+  }
+}
+
+ffi::Error KlDiagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> mean,
+                      ffi::Buffer<ffi::F32> log_var, ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = mean.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("kl_diag: mean must have an event axis");
+  const int64_t dim = dims.back();
+  const int64_t rows = dim == 0 ? 0 : static_cast<int64_t>(mean.element_count()) / dim;
+  const float* m = mean.typed_data();
+  const float* v = log_var.typed_data();
+  float* o = out->typed_data();
+  const int64_t threads = pool.num_threads();
+  // Below ~1M elements a second thread does not pay for its scheduling.
+  const int64_t tasks = (threads > 1 && rows * dim >= (1 << 20)) ? threads : 1;
+  if (tasks == 1) {
+    rows_kl(m, v, o, 0, rows, dim);
+    return ffi::Error::Success();
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t left = tasks - 1;
+  const int64_t chunk = (rows + tasks - 1) / tasks;
+  for (int64_t t = 1; t < tasks; ++t) {
+    pool.Schedule([&, t] {
+      const int64_t b = t * chunk, e = b + chunk < rows ? b + chunk : rows;
+      if (b < e) rows_kl(m, v, o, b, e, dim);
+      std::lock_guard<std::mutex> lock(mu);
+      if (--left == 0) cv.notify_one();
+    });
+  }
+  rows_kl(m, v, o, 0, chunk < rows ? chunk : rows, dim);
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return left == 0; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VaeklKlDiag, KlDiagImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

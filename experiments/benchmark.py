@@ -43,15 +43,19 @@ TIME_TO_ELBO_OVERRIDES = ("--config.init=torch", "--config.learning_rate=2e-3",
                           "--config.schedule=cosine")
 
 
-def _timeit(fn, repeats):
-    """Calls fn() `repeats` times; returns (min, median, max) seconds."""
-    times = []
+def _timeit(fns: dict, repeats: int) -> dict:
+    """Calls each of `fns` `repeats` times, interleaved; name -> (min, median, max) seconds.
+
+    Interleaving gives every contender the same share of the machine's slow
+    moments (on a shared 2-core VM a peer timed a minute later can differ by 40%).
+    """
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[0], times[len(times) // 2], times[-1]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (min(t), sorted(t)[len(t) // 2], max(t)) for name, t in times.items()}
 
 
 def _stats(times, per=1):
@@ -75,8 +79,8 @@ def _fake_binary_data(n, seed=0):
         np.float32)
 
 
-def bench_vaekl_step(steps, repeats, num_seeds=1):
-    """Seconds per train step of vaekl's jitted epoch scan (all seeds together)."""
+def vaekl_epoch(steps, num_seeds=1):
+    """(run, first-call seconds): run() is one epoch of `steps` vaekl train steps (all seeds)."""
     import jax
     import jax.numpy as jnp
 
@@ -110,13 +114,11 @@ def bench_vaekl_step(steps, repeats, num_seeds=1):
         holder[0], metrics = step(holder[0], keys, 1, x)
         jax.block_until_ready(metrics)
 
-    times = _timeit(run, repeats)
-    # Compilation: the first call less one epoch's run time.
-    return _stats(times, steps), first_call - times[1]
+    return run, first_call
 
 
-def bench_matmul_chain(repeats, steps):
-    """Seconds per step of a bare jitted chain of the step's matmuls (forward + backward)."""
+def matmul_chain(steps):
+    """(run, FLOPs per step): run() is `steps` steps' matmuls (forward + backward), one jit."""
     import jax
     import jax.numpy as jnp
 
@@ -150,11 +152,11 @@ def bench_matmul_chain(repeats, steps):
     f(x).block_until_ready()
     flops = 2 * BATCH * (DIM * HIDDEN + HIDDEN * 2 * LATENTS + LATENTS * HIDDEN
                          + HIDDEN * DIM) * 3 - 2 * BATCH * DIM * HIDDEN
-    return _stats(_timeit(lambda: f(x).block_until_ready(), repeats), steps), flops
+    return lambda: f(x).block_until_ready(), flops
 
 
-def bench_torch(steps, repeats, compiled):
-    """Seconds per step of the equivalent PyTorch training step (CPU, same threads)."""
+def torch_epoch(steps, compiled):
+    """run() is `steps` steps of the equivalent PyTorch training step (CPU, same threads)."""
     import torch
     import torch.nn.functional as F
 
@@ -195,7 +197,7 @@ def bench_torch(steps, repeats, compiled):
         for i in range(steps):
             step(data[i])
 
-    return _stats(_timeit(run, repeats), steps)
+    return run
 
 
 def bench_kl_bandwidth(repeats, rows):
@@ -217,9 +219,9 @@ def bench_kl_bandwidth(repeats, rows):
     f_sum = jax.jit(lambda a, b: jnp.sum(a, -1) + jnp.sum(b, -1))
     for f in (f_kl, f_xla, f_sum):
         f(mean, log_var).block_until_ready()
-    t_kl = _timeit(lambda: f_kl(mean, log_var).block_until_ready(), repeats)
-    t_xla = _timeit(lambda: f_xla(mean, log_var).block_until_ready(), repeats)
-    t_sum = _timeit(lambda: f_sum(mean, log_var).block_until_ready(), repeats)
+    t = _timeit({name: (lambda f=f: f(mean, log_var).block_until_ready())
+                 for name, f in (("kl", f_kl), ("xla", f_xla), ("sum", f_sum))}, repeats)
+    t_kl, t_xla, t_sum = t["kl"], t["xla"], t["sum"]
     gb = 2 * mean.size * 4 / 1e9
     used = native.TARGET in f_kl.lower(mean, log_var).as_text()
     return {"kl_s": _stats(t_kl), "xla_kl_s": _stats(t_xla), "sum_s": _stats(t_sum),
@@ -243,18 +245,37 @@ def bench_iwae(images, samples, repeats):
     params = model.init(keys["init"], jnp.zeros((1, DIM)), jnp.zeros((1, LATENTS)))
     ev = evaluate.Evaluator(model, config, data, keys, vmapped=False)
     ev.summary(params, importance_samples=samples)  # Compile.
-    t = _timeit(lambda: ev.summary(params, importance_samples=samples), max(1, repeats // 2))
+    t = _timeit({"iwae": lambda: ev.summary(params, importance_samples=samples)},
+                max(1, repeats // 2))["iwae"]
     # Decoder forward per sample: 2*(20*500 + 500*784) FLOPs.
     flops = images * samples * 2 * (LATENTS * HIDDEN + HIDDEN * DIM)
     return _stats(t), flops, jax.devices()[0].platform
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory since it started its program.
+
+    Linux's getrusage ru_maxrss carries over execve the peak of the process that
+    forked it (a benchmark holding 2 GB made its fresh child report 2 GB), so
+    /proc's VmHWM, which belongs to the current program, is read where it exists.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
 def _iwae_in_subprocess(images, samples, repeats):
     """bench_iwae in a fresh process, so that its peak RSS is the evaluation's own."""
-    code = ("import json, resource, sys; from experiments.benchmark import bench_iwae;"
+    code = ("import json, sys; from experiments.benchmark import bench_iwae, peak_rss_gb;"
             " t, flops, _ = bench_iwae(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]));"
             " print(json.dumps({'seconds': t, 'gflop_per_s': flops / t['median'] / 1e9,"
-            " 'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))")
+            " 'peak_rss_gb': peak_rss_gb()}))")
     out = subprocess.run([sys.executable, "-c", code, str(images), str(samples), str(repeats)],
                          capture_output=True, text=True, cwd=REPO, check=True)
     return {"images": images, "samples": samples,
@@ -310,32 +331,42 @@ def main(argv):
     if "import" in sections:
         res["import_s"] = bench_import(repeats)
     if "step" in sections:
-        vaekl_step, res["compile_s"] = bench_vaekl_step(steps, repeats)
-        res["vaekl_step_s"] = vaekl_step
-        chain, flops = bench_matmul_chain(repeats, steps)
-        res["matmul_chain_step_s"] = chain
+        # The contenders, timed interleaved (epochs of `steps` steps each).
+        vaekl_run, first_call = vaekl_epoch(steps)
+        chain_run, flops = matmul_chain(steps)
+        runs = {"vaekl": vaekl_run, "chain": chain_run}
+        if "torch" in sections and FLAGS.torch:
+            import torch
+
+            res["torch"] = torch.__version__
+            runs["torch_eager"] = torch_epoch(steps, compiled=False)
+            runs["torch_compile"] = torch_epoch(steps, compiled=True)
+        times = {k: _stats(v, steps) for k, v in _timeit(runs, repeats).items()}
+        vaekl_step = res["vaekl_step_s"] = times["vaekl"]
+        chain = res["matmul_chain_step_s"] = times["chain"]
+        # Compilation: the first call less one epoch's run time.
+        res["compile_s"] = first_call - steps * vaekl_step["median"]
         res["train_step_vs_matmul"] = chain["median"] / vaekl_step["median"]
         res["step_gflop_per_s"] = flops / vaekl_step["median"] / 1e9
         res["matmul_gflop_per_s"] = flops / chain["median"] / 1e9
-    if "torch" in sections and FLAGS.torch:
-        import torch
-
-        res["torch"] = torch.__version__
-        res["torch_eager_step_s"] = bench_torch(steps, repeats, compiled=False)
-        res["torch_compile_step_s"] = bench_torch(steps, repeats, compiled=True)
-        res["train_step_vs_torch"] = res["torch_eager_step_s"]["median"] / vaekl_step["median"]
-        res["train_step_vs_torch_compile"] = (res["torch_compile_step_s"]["median"]
-                                              / vaekl_step["median"])
+        if "torch_eager" in times:
+            res["torch_eager_step_s"] = times["torch_eager"]
+            res["torch_compile_step_s"] = times["torch_compile"]
+            res["train_step_vs_torch"] = times["torch_eager"]["median"] / vaekl_step["median"]
+            res["train_step_vs_torch_compile"] = (times["torch_compile"]["median"]
+                                                  / vaekl_step["median"])
     if "kl" in sections:
         bw = bench_kl_bandwidth(repeats, 10_000 if quick else 1_000_000)
         res["kl_bandwidth"] = bw
         res["kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["kl_s"]["median"]
         res["xla_kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["xla_kl_s"]["median"]
     if "vmap8" in sections:
-        seeds8, _ = bench_vaekl_step(steps, repeats, num_seeds=8)
-        res["vaekl_step_8_seeds_s"] = seeds8
+        seeds8_run, _ = vaekl_epoch(steps, num_seeds=8)
+        t = _timeit({"one": vaekl_run, "eight": seeds8_run}, repeats)
+        res["vaekl_step_8_seeds_s"] = _stats(t["eight"], steps)
+        res["vaekl_step_1_seed_beside_8_s"] = _stats(t["one"], steps)
         # Examples per second per seed x 8 against one seed's examples per second.
-        res["vmap8_vs_1"] = 8 * vaekl_step["median"] / seeds8["median"]
+        res["vmap8_vs_1"] = 8 * t["one"][1] / t["eight"][1]
     if "iwae" in sections:
         images, samples = (20, 50) if quick else (FLAGS.iwae_images, 5000)
         res["iwae"] = _iwae_in_subprocess(images, samples, repeats)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,3 +22,11 @@ def test_benchmark_quick_writes_every_key(tmp_path):
         assert res[key] > 0
     assert 0 < res["iwae5000_peak_rss_gb"] < 100
     assert "train_step_vs_matmul" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_a_fresh_process_reports_its_own_peak_memory_not_its_parents():
+    hog = np.ones(250_000_000, np.float32)  # 1 GB resident in this (the parent) process.
+    out = subprocess.run([sys.executable, "-c", "from experiments.benchmark import peak_rss_gb;"
+                          " print(peak_rss_gb())"], cwd=REPO, check=True, capture_output=True,
+                         text=True, timeout=120)
+    assert hog.sum() > 0 and float(out.stdout) < 0.5

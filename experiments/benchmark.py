@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH, DIM, HIDDEN, LATENTS = 128, 784, 500, 20
 # The Flax example's model, batch and Adam, with PyTorch's initialisation and a cosine decay
 # from 2e-3 (instead of a constant 1e-3): the same 10 epochs end about 2 nats higher.
+PAUSE_S = 0.5  # Between interleaved contenders (longer than OpenMP's 200 ms spin-wait).
 TIME_TO_ELBO_OVERRIDES = ("--config.init=torch", "--config.learning_rate=2e-3",
                           "--config.schedule=cosine")
 
@@ -47,11 +48,15 @@ def _timeit(fns: dict, repeats: int) -> dict:
     """Calls each of `fns` `repeats` times, interleaved; name -> (min, median, max) seconds.
 
     Interleaving gives every contender the same share of the machine's slow
-    moments (on a shared 2-core VM a peer timed a minute later can differ by 40%).
+    moments (on a shared 2-core VM a peer timed a minute later can differ by 40%);
+    a pause before each call lets the previous contender's thread pools (OpenMP,
+    XLA) stop spinning, so no call starts on a busy machine.
     """
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if len(fns) > 1:
+                time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -195,7 +195,33 @@ class VAE(nn.Module):
 
 def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     """Sum over the last axis of log Bernoulli(x; sigmoid(logits)), x in [0, 1]."""
-    return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+    return jnp.sum(x * logits - softplus(logits), axis=-1)
+
+
+@jax.custom_jvp
+def softplus(x: jax.Array) -> jax.Array:
+    """log(1 + e^x) = max(x, 0) + log1p(t), t = e^-|x| in (0, 1] (elementwise).
+
+    log1p(t) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1) with s = t / (2 + t) <= 1/3,
+    a series of positive terms (no cancellation): 8 terms reach float32's
+    precision, 17 float64's. On CPU, XLA's log1p costs about five exps, which made
+    `jax.nn.softplus` 3% of a Flax-example train step; this costs one exp, one
+    division and a short polynomial. The derivative is sigmoid(x).
+    """
+    t = jnp.exp(-jnp.abs(x))
+    s = t / (2.0 + t)
+    s2 = s * s
+    terms = 8 if jnp.finfo(x.dtype).bits <= 32 else 17
+    poly = 1.0 / (2 * terms - 1)
+    for k in reversed(range(terms - 1)):
+        poly = poly * s2 + 1.0 / (2 * k + 1)
+    return jnp.maximum(x, 0.0) + 2.0 * s * poly
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return softplus(x), jax.nn.sigmoid(x) * dx
 
 
 def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:

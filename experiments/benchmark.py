@@ -49,14 +49,17 @@ def _timeit(fns: dict, repeats: int) -> dict:
 
     Interleaving gives every contender the same share of the machine's slow
     moments (on a shared 2-core VM a peer timed a minute later can differ by 40%);
-    a pause before each call lets the previous contender's thread pools (OpenMP,
-    XLA) stop spinning, so no call starts on a busy machine.
+    on CPU a pause before each call lets the previous contender's thread pools
+    (OpenMP, XLA) stop spinning, so no call starts on a busy machine (on a GPU a
+    pause would let the clocks drop instead).
     """
+    import jax
+
+    pause = PAUSE_S if len(fns) > 1 and jax.default_backend() == "cpu" else 0.0
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if len(fns) > 1:
-                time.sleep(PAUSE_S)
+            time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

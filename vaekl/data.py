@@ -337,9 +337,16 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
     if cache.is_file():
         with np.load(cache) as arrays:
             x, labels = arrays["x"], arrays["labels"] if "labels" in arrays else None
-        return _binarized_dataset(name, split, x, (_IMAGE_SIZE, _IMAGE_SIZE, 1), labels,
-                                  spec.grey, seed)
-    source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
+    else:
+        source = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
+        x, labels = _decode(spec, source)
+        _write_cache(cache, x, labels)
+    shape = (_IMAGE_SIZE, _IMAGE_SIZE, 1)
+    return _binarized_dataset(name, split, x, shape, labels, spec.grey, seed)
+
+
+def _decode(spec, source):
+    """(x [N, 784], labels [N] or None) from a tfds data source of a prepared split."""
     xs, labels = [], []
     for start in range(0, len(source), _READ_CHUNK):
         # One batched read (array_record's __getitems__) is ~2x faster than a loop.
@@ -347,9 +354,7 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
         xs.append(spec.to_x(np.stack([example["image"] for example in examples])))
         labels.extend(example.get("label") for example in examples)
     labels = np.array(labels, dtype=np.int64) if labels[0] is not None else None
-    _write_cache(cache, np.concatenate(xs), labels)
-    shape = (_IMAGE_SIZE, _IMAGE_SIZE, 1)
-    return _binarized_dataset(name, split, np.concatenate(xs), shape, labels, spec.grey, seed)
+    return np.concatenate(xs), labels
 
 
 def _write_cache(path: Path, x: np.ndarray, labels: np.ndarray | None) -> None:

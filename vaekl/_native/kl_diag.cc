@@ -4,7 +4,6 @@
 // this kernel reads each input once and splits rows over XLA's intra-op threads.
 // Per element it computes mean^2 + (e^x - 1 - x), x = log_var, from a vectorisable
 // exp whose range reduction keeps e^x - 1 - x free of cancellation near 0.
-#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -18,6 +17,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// ln 2 split Cody-Waite style: k * kLn2Hi is exact for the k that occur here.
+constexpr float kLn2Hi = 0.693145751953125f;
+constexpr float kLn2Lo = 1.428606765330187045e-06f;
+
 inline float expm1mx(float x) {
   // e^x - 1 - x from exp's own range reduction, x = k ln2 + r with |r| <= ln2/2:
   //   e^x - 1 - x = (2^k - 1 - k ln2) + (2^k - 1) r + 2^k r^2 Q(r),
@@ -27,7 +30,7 @@ inline float expm1mx(float x) {
   const float xc = x < -87.0f ? -87.0f : (x > 88.5f ? 88.5f : x);  // Not fmin: a libm call.
   // Round to nearest by the 1.5 * 2^23 trick (|x log2 e| < 2^22): vectorises, unlike nearbyint.
   const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  const float r = (xc - k * kLn2Hi) - k * kLn2Lo;
   float q = 1.0f / 5040.0f;
   q = q * r + 1.0f / 720.0f;
   q = q * r + 1.0f / 120.0f;
@@ -37,7 +40,7 @@ inline float expm1mx(float x) {
   int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(two_k));
-  const float c = ((two_k - 1.0f) - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  const float c = ((two_k - 1.0f) - k * kLn2Hi) - k * kLn2Lo;
   float out = (c + (two_k - 1.0f) * r) + two_k * (r * r) * q;
   // Below -87, e^x is 0 to float32 precision and -1 - x is linear: shift by xc - x.
   out += xc - x;

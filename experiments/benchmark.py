@@ -98,20 +98,9 @@ def vaekl_epoch(steps, num_seeds=1):
     model = train.models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
     tx = train.create_optimizer(config, steps)
     x = jnp.asarray(_fake_binary_data(steps * BATCH))
-    epoch_fn = train.make_epoch_fn(model, config, tx, steps_per_epoch=steps, binarize=False)
-
-    def init(keys):
-        params = model.init(keys["init"], x[:1], jnp.zeros((1, LATENTS)))
-        return train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-    keys = [train.seed_keys(s) for s in range(num_seeds)]
-    if num_seeds > 1:
-        keys = jax.tree.map(lambda *k: jnp.stack(k), *keys)
-        init, epoch_fn = jax.vmap(init), jax.vmap(epoch_fn, in_axes=(0, 0, None, None))
-    else:
-        keys = keys[0]
-    state = jax.jit(init)(keys)
-    step = jax.jit(epoch_fn, donate_argnums=(0,))
+    keys, init, step = train.training_fns(model, config, tx, data_dim=DIM,
+                                          steps_per_epoch=steps, binarize=False)
+    state = init(keys)
     t0 = time.perf_counter()
     state, _ = step(state, keys, 0, x)
     jax.block_until_ready(state)

@@ -165,6 +165,32 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
     return epoch_fn
 
 
+def init_state(model: models.VAE, tx, config, key: jax.Array, data_dim: int) -> TrainState:
+    """Step 0: the model's parameters drawn from `key` and the optimiser's initial state."""
+    params = model.init(key, jnp.zeros((1, data_dim), jnp.float32), jnp.zeros((1, config.latents)))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, binarize: bool,
+                 mesh=None):
+    """(keys, init, epoch): what `train_and_evaluate` runs, for it and for benchmarks.
+
+    `keys` are the seeds' keys (config.seed, config.seed + 1, ... stacked when
+    config.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
+    train_x) -> (state, metrics) are jitted, vmapped over seeds when there are
+    several, and the epoch donates the state.
+    """
+    num_seeds = config.num_seeds
+    keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
+    keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
+    vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
+    init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)))
+    epoch_fn = make_epoch_fn(model, config, tx, steps_per_epoch=steps_per_epoch,
+                             binarize=binarize, mesh=mesh)
+    epoch = jax.jit(vmap(epoch_fn, in_axes=(0, 0, None, None)), donate_argnums=(0,))
+    return keys, init, epoch
+
+
 def _check_config(config, num_devices: int):
     def choice(field, allowed):
         if config[field] not in allowed:
@@ -248,21 +274,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     train_x = jax.device_put(train_data.x, replicated)
     num_seeds = config.num_seeds
-    keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
-    keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
-
-    example = jnp.zeros((1, train_data.dim), jnp.float32)
-
-    def init_fn(keys):
-        params = model.init(keys["init"], example, jnp.zeros((1, config.latents)))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-    vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
-    state = jax.jit(vmap(init_fn))(keys)
-    epoch_fn = make_epoch_fn(model, config, tx, steps_per_epoch=steps_per_epoch,
-                             binarize=train_data.dynamic_binarization, mesh=mesh)
-    epoch_step = jax.jit(vmap(epoch_fn, in_axes=(0, 0, None, None)), donate_argnums=(0,))
-    state = jax.device_put(state, replicated)
+    keys, init, epoch_step = training_fns(model, config, tx, data_dim=train_data.dim,
+                                          steps_per_epoch=steps_per_epoch,
+                                          binarize=train_data.dynamic_binarization, mesh=mesh)
+    state = jax.device_put(init(keys), replicated)
 
     ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
     step, restored = ckpt.restore_latest(state)

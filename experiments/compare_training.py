@@ -131,10 +131,7 @@ def _smooth(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def _plot(curves, results, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     kls = list(dict.fromkeys(k for k, _ in curves))
     colours = {k: f"C{i}" for i, k in enumerate(kls)}
@@ -170,7 +167,5 @@ def _plot(curves, results, path: Path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2, title="KL term, samples")
     fig.suptitle(f"Learning curves by KL term ({results['num_seeds']} seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 

@@ -145,10 +145,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _plot(hists, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     p_means = sorted({p for p, _ in hists})
     fig, axes = plt.subplots(1, len(p_means), figsize=(5.5 * len(p_means), 4), squeeze=False)
@@ -164,6 +161,4 @@ def _plot(hists, path: Path):
         ax.set_ylabel("density")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)

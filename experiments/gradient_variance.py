@@ -151,8 +151,7 @@ def _vae_checkpoints(config):
     steps_per_epoch = len(train_data) // cfg.batch_size
     tx = train.create_optimizer(cfg, steps_per_epoch)
     keys = train.seed_keys(cfg.seed)
-    params = model.init(keys["init"], jnp.zeros((1, train_data.dim)), jnp.zeros((1, cfg.latents)))
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = train.init_state(model, tx, cfg, keys["init"], train_data.dim)
     train_x = jnp.asarray(train_data.x)
     epoch_fn = jax.jit(train.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
                                            binarize=train_data.dynamic_binarization))
@@ -366,10 +365,7 @@ def _label(row) -> str:
 
 
 def _plot(rows, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     groups = list(dict.fromkeys((r["model"], r["checkpoint"]) for r in rows))
     estimators = list(dict.fromkeys(r["estimator"] for r in rows))
@@ -404,6 +400,4 @@ def _plot(rows, path: Path):
                         if part == "decoder" else "\n(log scale; lower is better)"),
                      fontsize=10)
         ax.legend(title="KL term", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)

@@ -353,17 +353,8 @@ def _markdown(results, config) -> str:
         + "\n" + DERIVATION)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_gap(rows, floor, k, path: Path):
-    plt = _plt()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
     ax = axes[0]
     shrink = sorted((r["param"], r["mean_gap"]) for r in rows if r["variant"] == "shrink")
@@ -396,13 +387,11 @@ def _plot_gap(rows, floor, k, path: Path):
     ax.set_ylabel("gap = KL(q(z|x) || p(z|x))  [nats]")
     ax.set_title("Amortised linear encoders, decoder fixed")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def _plot_scatter(per_example, path: Path):
-    plt = _plt()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     ax = axes[0]
     chosen = [(("exact_posterior", None), "q = p(z|x)"),
@@ -441,6 +430,4 @@ def _plot_scatter(per_example, path: Path):
     ax.set_title("The gap is the KL to the true posterior, example by example\n(every q variant"
                  " except q = p(z|x) itself, whose gap is 0)", fontsize=10)
     ax.legend(fontsize=8, markerscale=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""Writing results: markdown tables, plus the JSON and workdir helpers of `vaekl.workdir`."""
+"""Writing results: markdown tables, figures, and the JSON and workdir helpers of vaekl.workdir."""
 
 import math
 from typing import Any, Iterable, Sequence
@@ -21,3 +21,20 @@ def markdown_table(rows: Iterable[dict], columns: Sequence[str], digits: int = 4
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c, ""), digits) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed; imported lazily)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> None:
+    """Lays out `fig`, writes it to `path` (PNG, 110 dpi) and frees it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)

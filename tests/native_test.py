@@ -105,3 +105,24 @@ def test_without_the_kernel_vaekl_uses_xla_with_the_same_values(tmp_path):
     assert not broken and not used_broken
     assert "native KL kernel is unavailable" in log
     np.testing.assert_allclose([total_off, total_broken], total, rtol=1e-6)
+
+
+def test_concurrent_kernels_on_the_pool_threads_do_not_deadlock(tmp_path):
+    # Four large KLs per loop step, each fed by a matmul that XLA runs on its intra-op
+    # pool, so the kernels start on pool threads at once. A kernel that waited for work
+    # it had queued on the (then fully busy) pool hung here within a few steps.
+    code = ("import jax, jax.numpy as jnp, numpy as np; from vaekl import kl, native;"
+            " assert native.available();"
+            " rng = np.random.default_rng(0);"
+            " x = [jnp.asarray(rng.normal(size=(1 << 15, 64)), jnp.float32) for _ in range(8)];"
+            " w = jnp.asarray(rng.normal(size=(64, 64)) * 0.1, jnp.float32);"
+            " body = lambda i, c: c + 1e-3 * sum(kl.analytic(jnp.tanh(x[2 * j] @ w) + c[:, None],"
+            " jnp.tanh(x[2 * j + 1] @ w)) for j in range(4));"
+            " f = jax.jit(lambda: jax.lax.fori_loop(0, 50, body, jnp.zeros(1 << 15)));"
+            " [jax.block_until_ready(f()) for _ in range(5)]; print('done')")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, timeout=240, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("concurrent native KL kernels deadlocked (no result in 240 s)")
+    assert proc.stdout.split()[-1] == "done"

@@ -4,11 +4,13 @@
 // this kernel reads each input once and splits rows over XLA's intra-op threads.
 // Per element it computes mean^2 + (e^x - 1 - x), x = log_var, from a vectorisable
 // exp whose range reduction keeps e^x - 1 - x free of cancellation near 0.
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 
 #include "xla/ffi/api/ffi.h"
@@ -48,6 +50,39 @@ inline float expm1mx(float x) {
   return x > 88.5f ? std::numeric_limits<float>::infinity() : out;
 }
 
+// Runs fn(task) for every task in [0, tasks) and returns when all are done. The
+// caller and pool helpers claim tasks from a shared counter, so the caller waits
+// only for tasks already running: when every pool thread is busy (say, running
+// another kernel that waits in here), the caller does all the tasks itself and
+// nothing deadlocks. A helper that starts after every task is claimed touches
+// only the shared state, which it co-owns.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, Fn fn) {
+  if (tasks <= 1) {
+    fn(0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, tasks, fn = &fn] {
+    for (int64_t t; (t = state->next.fetch_add(1)) < tasks;) {
+      (*fn)(t);
+      if (state->done.fetch_add(1) + 1 == tasks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_one();
+      }
+    }
+  };
+  for (int64_t t = 1; t < tasks; ++t) pool.Schedule([run] { run(); });
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == tasks; });
+}
+
 void rows_kl(const float* mean, const float* log_var, float* out, int64_t begin, int64_t end,
              int64_t dim) {
   for (int64_t i = begin; i < end; ++i) {
@@ -72,25 +107,11 @@ ffi::Error KlDiagImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> mean,
   const int64_t threads = pool.num_threads();
   // Below ~1M elements a second thread does not pay for its scheduling.
   const int64_t tasks = (threads > 1 && rows * dim >= (1 << 20)) ? threads : 1;
-  if (tasks == 1) {
-    rows_kl(m, v, o, 0, rows, dim);
-    return ffi::Error::Success();
-  }
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t left = tasks - 1;
   const int64_t chunk = (rows + tasks - 1) / tasks;
-  for (int64_t t = 1; t < tasks; ++t) {
-    pool.Schedule([&, t] {
-      const int64_t b = t * chunk, e = b + chunk < rows ? b + chunk : rows;
-      if (b < e) rows_kl(m, v, o, b, e, dim);
-      std::lock_guard<std::mutex> lock(mu);
-      if (--left == 0) cv.notify_one();
-    });
-  }
-  rows_kl(m, v, o, 0, chunk < rows ? chunk : rows, dim);
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return left == 0; });
+  ParallelFor(pool, tasks, [&](int64_t t) {
+    const int64_t b = t * chunk, e = b + chunk < rows ? b + chunk : rows;
+    if (b < e) rows_kl(m, v, o, b, e, dim);
+  });
   return ffi::Error::Success();
 }
 

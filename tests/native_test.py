@@ -67,6 +67,64 @@ def test_relative_accuracy_at_every_scale_of_the_variance_ratio(magnitude):
     np.testing.assert_allclose(got, ref, rtol=1e-6)
 
 
+def _reference_elementwise(x):
+    """(e^x - 1 - x) / 2 in float64 rounded to float32, and whether e^x - 1 - x overflows it."""
+    x = np.asarray(x, np.float64)
+    with np.errstate(over="ignore"):
+        ref = 0.5 * np.where(np.abs(x) < 1e-3, x**2 / 2 + x**3 / 6 + x**4 / 24, np.expm1(x) - x)
+        return ref.astype(np.float32), 2 * ref > np.finfo(np.float32).max
+
+
+def _log_variances_across_the_range():
+    """[2^16, 1]: -100..100, the clamp and overflow edges, tiny values (dim 1: a short row)."""
+    edges = [-87.5, -87.0, -86.9, 87.9, 88.0, 88.02, 88.04, 88.4, 88.6, 88.7, 88.72, 88.73, 88.8,
+             1e-8, -1e-8, 1e-30, 0.0, 1e30, -1e30]
+    x = np.concatenate([np.linspace(-100, 100, (1 << 16) - len(edges)), edges])
+    return x.astype(np.float32)[:, None]
+
+
+def _check_elementwise(kl_fn):
+    log_var = _log_variances_across_the_range()
+    got = np.asarray(kl_fn(np.zeros_like(log_var), log_var))
+    ref, overflows = _reference_elementwise(log_var[:, 0])
+    assert np.all(got[overflows] == np.inf)
+    np.testing.assert_allclose(got[~overflows], ref[~overflows], rtol=1e-6)
+
+
+def test_every_log_variance_from_minus_100_to_100_one_per_row():
+    # Up to log FLT_MAX = 88.72 the result is finite (the kernel once gave NaN and inf
+    # for log-variances in (88.03, 88.72], where 2^k alone overflows); above, inf.
+    _check_elementwise(kl.analytic)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 16, 17, 20, 64, 100])
+def test_row_lengths_that_do_and_do_not_fill_whole_vectors(dim):
+    rng = np.random.default_rng(dim)
+    rows = -(-(1 << 16) // dim)
+    mean = rng.normal(size=(rows, dim)).astype(np.float32)
+    log_var = (rng.normal(size=(rows, dim)) * 3).astype(np.float32)
+    np.testing.assert_allclose(kl.analytic(mean, log_var), _reference(mean, log_var), rtol=2e-6)
+
+
+def test_the_portable_build_without_avx512_agrees(tmp_path):
+    # The kernel's scalar form, which the compiler vectorises, serves CPUs without AVX-512.
+    import ctypes
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    native._compile(cxx, tmp_path / "portable.so", extra_flags=("-mno-avx512f",))
+    lib = ctypes.cdll.LoadLibrary(str(tmp_path / "portable.so"))
+    jax.ffi.register_ffi_target("vaekl_kl_diag_portable", jax.ffi.pycapsule(lib.VaeklKlDiag),
+                                platform="cpu")
+
+    def portable(mean, log_var):
+        return jax.ffi.ffi_call("vaekl_kl_diag_portable",
+                                jax.ShapeDtypeStruct(mean.shape[:-1], mean.dtype))(mean, log_var)
+
+    _check_elementwise(portable)
+    mean, log_var = _inputs()
+    np.testing.assert_allclose(portable(mean, log_var), _reference(mean, log_var), rtol=2e-6)
+
+
 def test_exact_zero_at_the_prior_and_non_finite_values_propagate():
     mean, log_var = np.zeros((ROWS, DIM), np.float32), np.zeros((ROWS, DIM), np.float32)
     log_var[1, 3], log_var[2, 0], mean[3, 5] = np.nan, 100.0, np.inf

@@ -43,9 +43,11 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def _compile(cxx: str, out: Path) -> None:
-    cmd = [cxx, "-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17",
-           "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+def _compile(cxx: str, out: Path, extra_flags: tuple[str, ...] = ()) -> None:
+    """Builds the kernel for this CPU (AVX-512 where it has it; `extra_flags` can say no)."""
+    cmd = [cxx, "-O3", "-march=native", *extra_flags, "-fopenmp-simd", "-fno-math-errno",
+           "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
+           "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")

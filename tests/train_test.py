@@ -86,7 +86,8 @@ def test_resume_gives_bitwise_equal_parameters(tmp_path):
                      if m["split"] == "train"]
 
 
-def test_vmapped_seeds_match_separate_runs(tmp_path):
+def test_seeds_in_one_program_match_separate_runs(tmp_path):
+    # On CPU the seeds' epochs run one after another (lax.map); the vmapped form is below.
     vmapped = train.train_and_evaluate(make_config(num_epochs=2, num_seeds=4, seed=3),
                                        str(tmp_path / "both"))
     for s, seed in enumerate((3, 4, 5, 6)):
@@ -100,6 +101,24 @@ def test_vmapped_seeds_match_separate_runs(tmp_path):
         one = final_state(tmp_path / f"seed{seed}")["params"]
         for x, y in zip(jax.tree.leaves(both), jax.tree.leaves(one)):
             np.testing.assert_allclose(np.asarray(x)[s], np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_vmapped_and_mapped_seeds_train_alike():
+    config = make_config(num_seeds=3)
+    model = train.models.VAE(latents=config.latents, data_dim=64, hidden=tuple(config.hidden))
+    tx = train.create_optimizer(config, 10)
+    x = jax.random.uniform(jax.random.key(0), (10 * config.batch_size, 64))
+    states = {}
+    for vmap_seeds in (True, False):
+        keys, init, epoch = train.training_fns(model, config, tx, data_dim=64, steps_per_epoch=10,
+                                               binarize=True, vmap_seeds=vmap_seeds)
+        state, metrics = epoch(init(keys), keys, 0, x)
+        assert metrics["loss"].shape == (3, 10)
+        states[vmap_seeds] = (state, metrics)
+    for a, b in zip(jax.tree.leaves(states[True]), jax.tree.leaves(states[False])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # The seeds differ from each other: each is its own run.
+    assert not np.allclose(states[False][1]["loss"][0], states[False][1]["loss"][1])
 
 
 def _run_subprocess(workdir, devices):

@@ -8,8 +8,9 @@ draws exactly the numbers an uninterrupted one would: on CPU its final
 parameters are bitwise equal.
 
 `config.num_seeds > 1` trains that many seeds (config.seed, config.seed + 1, ...)
-in one program with `jax.vmap`; with several local devices the batch is
-sharded over them (`jax.sharding`, parameters replicated).
+in one program: with `jax.vmap` on accelerators, one seed after another
+(`lax.map`) on CPUs, where that is faster; with several local devices the batch
+is sharded over them (`jax.sharding`, parameters replicated).
 """
 
 import functools
@@ -172,13 +173,14 @@ def init_state(model: models.VAE, tx, config, key: jax.Array, data_dim: int) -> 
 
 
 def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, binarize: bool,
-                 mesh=None):
+                 mesh=None, vmap_seeds: bool | None = None):
     """(keys, init, epoch): what `train_and_evaluate` runs, for it and for benchmarks.
 
     `keys` are the seeds' keys (config.seed, config.seed + 1, ... stacked when
     config.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
-    train_x) -> (state, metrics) are jitted, vmapped over seeds when there are
-    several, and the epoch donates the state.
+    train_x) -> (state, metrics) are jitted, over several seeds vmapped, and the
+    epoch donates the state. `vmap_seeds=False` maps the epoch over the seeds
+    instead (`_seed_after_seed`); by default it does so on CPUs.
     """
     num_seeds = config.num_seeds
     keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
@@ -187,8 +189,29 @@ def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, bina
     init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)))
     epoch_fn = make_epoch_fn(model, config, tx, steps_per_epoch=steps_per_epoch,
                              binarize=binarize, mesh=mesh)
-    epoch = jax.jit(vmap(epoch_fn, in_axes=(0, 0, None, None)), donate_argnums=(0,))
-    return keys, init, epoch
+    if vmap_seeds is None:
+        vmap_seeds = jax.default_backend() != "cpu"
+    if num_seeds > 1 and not vmap_seeds:
+        epoch_fn = _seed_after_seed(epoch_fn)
+    else:
+        epoch_fn = vmap(epoch_fn, in_axes=(0, 0, None, None))
+    return keys, init, jax.jit(epoch_fn, donate_argnums=(0,))
+
+
+def _seed_after_seed(epoch_fn):
+    """The seeds' epochs one after another in one program (`lax.map`), for CPUs.
+
+    One seed's matmuls already keep every core busy, so vectorising seeds gains
+    nothing on a CPU, and it costs cache: 8 seeds' parameters and Adam moments
+    (104 MB for the Flax-example model) overflow a 32 MB L3 where one seed's fit,
+    and 8 vmapped seeds ran 8% slower per seed than one (BENCHMARKS.md). Mapped,
+    each seed's state stays in cache for its whole epoch. Same inputs and outputs
+    as the vmapped epoch: state and metrics stacked over seeds.
+    """
+    def epoch(state, keys, epoch, train_x):
+        return jax.lax.map(lambda seed: epoch_fn(*seed, epoch, train_x), (state, keys))
+
+    return epoch
 
 
 def _check_config(config, num_devices: int):

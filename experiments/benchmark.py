@@ -390,7 +390,8 @@ def main(argv):
 def _markdown(res):
     keys = ("train_step_vs_torch", "train_step_vs_torch_compile", "train_step_vs_matmul",
             "kl_vs_sum_bandwidth", "xla_kl_vs_sum_bandwidth", "iwae5000_peak_rss_gb",
-            "iwae5000_vs_matmul", "vmap8_vs_1", "vmap8_vectorised_vs_1", "time_to_elbo_s", "elbo_after_10_epochs")
+            "iwae5000_vs_matmul", "vmap8_vs_1", "vmap8_vectorised_vs_1", "time_to_elbo_s",
+            "elbo_after_10_epochs")
     lines = [f"# vaekl benchmark ({res['date']}, {res['machine']}, {res['cpu_count']} CPUs,"
              f" {res['device']})", "", "| key | value |", "|---|---|"]
     for k in keys:

@@ -43,7 +43,7 @@ constexpr float kLow = -87.0f, kBig = 88.0f, kHigh = 88.75f;
 // which forms e^r 2^k without an overflowing 2^k): 1.5x faster than the compiler's
 // vectorisation of the scalar form below (measured on Zen 4).
 struct Parts {
-  __m512 k, r, q, r2, value;  // value: e^x - 1 - x, valid where |x| <= kLow's 87.
+  __m512 k, r, q, r2, value;  // value: e^x - 1 - x, valid for |x| <= -kLow = 87.
 };
 
 inline Parts Core16(__m512 x) {

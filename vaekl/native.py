@@ -8,7 +8,7 @@ vectorised pass over XLA's intra-op threads.
 
 The kernel is compiled with the system C++ compiler (`$CXX`, else g++ or c++)
 on first use and cached in `$VAEKL_CACHE` (default ~/.cache/vaekl), keyed by
-its source, jaxlib and the CPU's instruction set. If no compiler is found or
+its source, build flags, jaxlib and the CPU's instruction set. If no compiler is found or
 the build fails, or `VAEKL_NATIVE=0`, `available()` is False and vaekl uses
 the XLA formulation: results agree to float32 rounding.
 """
@@ -57,9 +57,14 @@ def _compile(cxx: str, out: Path, extra_flags: tuple[str, ...] = ()) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
 
 
+def compiler() -> str | None:
+    """The C++ compiler the kernel is built with: `$CXX`, else g++ or c++ (None if none)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def library_path() -> Path:
     """The compiled kernel, building it into the cache first if needed."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = compiler()
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
     import jaxlib

@@ -13,6 +13,7 @@ x and the decoder parameters). The KL term (the rate) is chosen by name:
               zero variance when q is the exact posterior.
 """
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -92,6 +93,21 @@ def elbo(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Arr
     return Bound(elbo=-(rate + distortion), rate=rate, distortion=distortion)
 
 
+# Latent values per IWAE chunk by default: 2^20 floats of z (4 MB in float32); the
+# decoder's activations for them are that times (hidden + data widths) / latents,
+# e.g. about 100 MB for the IWAE net's 200+200+784 units on 50 latents.
+CHUNK_ELEMENTS = 2**20
+
+
+def default_chunk_size(num_samples: int, shape: tuple[int, ...]) -> int:
+    """Draws per chunk so that one chunk holds about `CHUNK_ELEMENTS` latents, 1..K.
+
+    `shape` is the encoder output's, [..., dim].
+    """
+    per_draw = max(1, math.prod(shape))
+    return max(1, min(num_samples, CHUNK_ELEMENTS // per_draw))
+
+
 def iwae(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
          log_likelihood: LogLikelihood, prior=STANDARD_NORMAL, *, num_samples: int,
          chunk_size: Optional[int] = None) -> jax.Array:
@@ -99,7 +115,9 @@ def iwae(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Arr
 
     The K = num_samples draws are taken `chunk_size` at a time inside a
     `lax.scan` with a running log-sum-exp, so memory is O(chunk_size), not O(K):
-    K = 5000 runs in the memory of one chunk.
+    K = 5000 runs in the memory of one chunk. By default a chunk holds about
+    `CHUNK_ELEMENTS` latent values (chunk * batch * dim), which bounds the
+    decoder's activations too, whatever K, the batch or the latent size.
 
     Args:
       key: PRNG key.
@@ -107,7 +125,7 @@ def iwae(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Arr
       log_likelihood: z [chunk, ..., dim] -> log p(x|z) [chunk, ...].
       prior: a `vaekl.priors` prior.
       num_samples: K >= 1.
-      chunk_size: draws per chunk (default: all K at once).
+      chunk_size: draws per chunk (default: `default_chunk_size(K, q_mean's shape)`).
 
     Returns:
       The bound per sample, shape [...]; K = 1 gives a one-sample k1 ELBO.
@@ -115,9 +133,8 @@ def iwae(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.Arr
     name = "vaekl.elbo.iwae"
     q_mean, q_log_var, prior, shape, num_samples = _check(
         name, key, q_mean, q_log_var, log_likelihood, prior, num_samples)
-    chunk = num_samples if chunk_size is None else validate.positive_int(
-        name, "chunk_size", chunk_size)
-    chunk = min(chunk, num_samples)
+    chunk = default_chunk_size(num_samples, shape) if chunk_size is None else min(
+        validate.positive_int(name, "chunk_size", chunk_size), num_samples)
     num_full, remainder = divmod(num_samples, chunk)
 
     def chunk_logsumexp(key, size):

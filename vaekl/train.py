@@ -15,6 +15,7 @@ is sharded over them (`jax.sharding`, parameters replicated).
 
 import functools
 import json
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -25,8 +26,9 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import checkpoint, elbo, evaluate, kl, models, workdir as workdir_lib
+from vaekl import bounds, checkpoint, elbo, evaluate, kl, models, workdir as workdir_lib
 
+OBJECTIVES = ("elbo",) + bounds.OBJECTIVES
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae")
 ON_NAN = ("stop", "skip")
@@ -87,9 +89,30 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
 
 
 def make_loss_fn(model: models.VAE, config):
-    """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars)."""
+    """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars).
+
+    `config.objective` "elbo" is the ELBO with the KL term `config.kl` (and beta,
+    KL warm-up, free bits); the others are `vaekl.bounds` objectives, whose loss
+    is minus the bound and whose gradient is `config.grad_estimator`'s.
+    """
     kl_term, num_samples = config.kl, config.num_samples
     beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
+
+    def bound_loss_fn(params, x, key, step):
+        del step
+        mean, log_var = model.apply(params, x, method=models.VAE.encode)
+        prior = model.apply(params, method=models.VAE.get_prior)
+        log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
+        out = bounds.objective(key, mean, log_var, log_lik, prior, objective=config.objective,
+                               num_samples=num_samples, grad_estimator=config.grad_estimator,
+                               outer_samples=config.outer_samples, alpha=config.renyi_alpha,
+                               beta=config.ciwae_beta)
+        loss = -jnp.mean(out.bound)
+        return loss, {"loss": loss, "bound": jnp.mean(out.bound), "elbo": jnp.mean(out.elbo),
+                      "rate": jnp.mean(out.rate), "distortion": jnp.mean(out.distortion)}
+
+    if config.objective != "elbo":
+        return bound_loss_fn
 
     def loss_fn(params, x, key, step):
         mean, log_var = model.apply(params, x, method=models.VAE.encode)
@@ -221,6 +244,8 @@ def _check_config(config, num_devices: int):
                              f" {tuple(allowed)}.")
 
     choice("kl", elbo.KL_TERMS)
+    choice("objective", OBJECTIVES)
+    choice("grad_estimator", bounds.GRAD_ESTIMATORS)
     choice("optimizer", OPTIMIZERS)
     choice("schedule", SCHEDULES)
     choice("on_nan", ON_NAN)
@@ -230,7 +255,7 @@ def _check_config(config, num_devices: int):
     choice("init", models.INITS)
     if config.get("likelihood"):
         choice("likelihood", models.LIKELIHOODS)
-    for field in ("latents", "batch_size", "num_samples", "num_seeds"):
+    for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples"):
         if not isinstance(config[field], int) or config[field] < 1:
             raise ValueError(f"config.{field}: expected an int >= 1, got {config[field]!r}.")
     for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps"):
@@ -246,11 +271,39 @@ def _check_config(config, num_devices: int):
     if config.prior == "mixture" and config.kl == "analytic":
         raise ValueError("config.kl: 'analytic' has no closed form for prior='mixture'; use"
                          " 'k1', 'k3' or 'stl'.")
+    _check_objective(config)
     if any(not isinstance(h, int) or h < 1 for h in config.hidden):
         raise ValueError(f"config.hidden: expected a tuple of ints >= 1, got {config.hidden!r}.")
     if config.batch_size % num_devices:
         raise ValueError(f"config.batch_size: {config.batch_size} must be divisible by the"
                          f" {num_devices} devices it is sharded over.")
+
+
+def _check_objective(config):
+    """The objective's fields agree with each other (called by `_check_config`)."""
+    objective = config.objective
+    if objective == "elbo":
+        if config.grad_estimator != "reparam":
+            raise ValueError(
+                f"config.grad_estimator: {config.grad_estimator!r} is for the importance-"
+                "weighted objectives; with objective='elbo' the gradient follows config.kl"
+                " (kl='stl' is sticking the landing; DReG with K = 1 is STL too).")
+    elif config.kl != "analytic" or config.beta != 1.0 or config.kl_warmup_steps \
+            or config.free_bits:
+        raise ValueError(
+            f"config.objective: {objective!r} samples its KL inside the bound; config.kl,"
+            " beta, kl_warmup_steps and free_bits apply to objective='elbo' only (got"
+            f" kl={config.kl!r}, beta={config.beta}, kl_warmup_steps="
+            f"{config.kl_warmup_steps}, free_bits={config.free_bits}).")
+    if config.outer_samples > 1 and objective not in ("miwae", "piwae"):
+        raise ValueError(f"config.outer_samples: M = {config.outer_samples} is for"
+                         f" objective 'miwae' or 'piwae', not {objective!r}.")
+    if not 0.0 <= config.ciwae_beta <= 1.0:
+        raise ValueError(f"config.ciwae_beta: expected a number in [0, 1], got"
+                         f" {config.ciwae_beta!r}.")
+    if not math.isfinite(config.renyi_alpha):
+        raise ValueError(f"config.renyi_alpha: expected a finite number, got"
+                         f" {config.renyi_alpha!r}.")
 
 
 def load_data(config):
@@ -347,6 +400,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
                    total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
                    dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
+                   objective=config.objective, grad_estimator=config.grad_estimator,
+                   outer_samples=config.outer_samples,
                    seed=config.seed, num_seeds=num_seeds, devices=len(devices),
                    platform=devices[0].platform)
     workdir_lib.write_results(work, results)

@@ -8,6 +8,8 @@ Arguments after the file name pick a preset:
   quick      a few seconds on `digits` (tests and smoke sweeps)
   flax       the Flax example: binarized_mnist, 784-500-20 ReLU, batch 128, Adam 1e-3, 10 epochs
   iwae       Burda et al.'s 1-layer net: 784-200-200-50 tanh, batch 20, their Adam and schedule
+             (the k = 1 VAE); iwae_k5, iwae_k50 the same net trained with IWAE k = 5 / 50
+  iwae_quick IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)
   linear     a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)
 """
 
@@ -35,8 +37,13 @@ def get_config(arg=None):
     c.num_components = 10
     c.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
     # Objective.
-    c.kl = "analytic"
-    c.num_samples = 1
+    c.objective = "elbo"  # elbo | iwae | renyi | miwae | piwae | ciwae (vaekl.bounds).
+    c.kl = "analytic"  # The ELBO's KL term: analytic | k1 | k3 | stl.
+    c.num_samples = 1  # K: draws averaged (elbo) or inside each bound.
+    c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam | stl | dreg.
+    c.outer_samples = 1  # M of miwae / piwae.
+    c.renyi_alpha = 0.5
+    c.ciwae_beta = 0.5
     c.beta = 1.0
     c.kl_warmup_steps = 0
     c.free_bits = 0.0
@@ -83,11 +90,20 @@ def get_config(arg=None):
         c.latents, c.hidden, c.activation = 50, (200, 200), "tanh"
         c.batch_size, c.num_epochs, c.schedule = 20, 3280, "iwae"
         c.adam_b1, c.adam_eps = 0.99, 1e-4
+    elif arg in ("iwae_k5", "iwae_k50"):
+        c.dataset = "mnist"
+        c.latents, c.hidden, c.activation = 50, (200, 200), "tanh"
+        c.batch_size, c.num_epochs, c.schedule = 20, 3280, "iwae"
+        c.adam_b1, c.adam_eps = 0.99, 1e-4
+        c.objective, c.num_samples = "iwae", int(arg[len("iwae_k"):])
+    elif arg == "iwae_quick":
+        c.objective, c.num_samples, c.grad_estimator = "iwae", 5, "dreg"
+        c.num_epochs, c.eval_importance_samples, c.log_every_steps = 3, 50, 10
     elif arg == "linear":
         c.dataset = "linear_gaussian"
         c.latents, c.hidden = 5, ()
         c.batch_size, c.num_epochs, c.learning_rate, c.schedule = 100, 300, 1e-2, "cosine"
     elif arg:
         raise ValueError(f"train config: unknown preset {arg!r}; expected quick, flax, iwae,"
-                         " linear or none.")
+                         " iwae_k5, iwae_k50, iwae_quick, linear or none.")
     return c

@@ -24,6 +24,7 @@ from hypothesis.extra import numpy as hnp
 import vaekl
 from vaekl import kl, priors
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32_EPS = float(np.finfo(np.float32).eps)
 FAST = {"xla_backend_optimization_level": 0}  # faster XLA:CPU compiles where speed is moot
 
@@ -184,6 +185,27 @@ def test_analytic_extreme_grid_matches_float64_reference():
                                     what=f"q_mean={q_m}, p_mean={p_m}")
 
 
+def test_analytic_mean_term_at_extreme_prior_variances_matches_float64_reference():
+    """Mean differences from 1e-30 to 1e20 against prior log-variances of -80..80, float32.
+
+    (q_mean - p_mean)^2 alone underflows below 1e-19 (and overflows above 1e19);
+    scaled by e^(-p_log_var/2) before squaring, the term is accurate wherever the
+    KL itself is a normal float32: within 1e-5 relative of float64.
+    """
+    diff = np.concatenate([np.logspace(-30, 20, 201), -np.logspace(-30, 20, 201)])
+    p_lv = np.array([-80.0, -40.0, 0.0, 40.0, 80.0])
+    diff, p_lv = (a.ravel().astype(np.float32)[:, None] for a in np.meshgrid(diff, p_lv))
+    for q_lv in (p_lv, p_lv + np.float32(1.0)):
+        for p_mean in (np.zeros_like(diff), 0.25 * diff):
+            q_mean = p_mean + diff
+            got = np.asarray(analytic(q_mean, q_lv, p_mean, p_lv))
+            ref = ref_kl_diag(q_mean, q_lv, p_mean, p_lv)
+            normal = (ref > np.finfo(np.float32).tiny) & (ref < np.finfo(np.float32).max / 4)
+            assert normal.sum() > diff.size // 2
+            assert_close_rel_or_abs(got[normal], ref[normal], rel=1e-5, abs_=0.0,
+                                    what=f"q_lv - p_lv = {float(q_lv[0, 0] - p_lv[0, 0])}")
+
+
 @pytest.mark.parametrize("d", [1e-8, -1e-8, 1e-6, -1e-6, 1e-3, -1e-3])
 def test_analytic_near_equal_variances_is_relatively_accurate(d):
     """Where sigma_q ~ sigma_p the KL ~ d^2/4 is still accurate to 1e-6 relative."""
@@ -249,17 +271,33 @@ def test_analytic_matches_tfp():
     np.testing.assert_allclose(peer, ref_kl_diag(qm, qlv, pm, plv), rtol=1e-4, atol=1e-6)
 
 
-def test_analytic_full_matches_tfp():
-    """`analytic_full` agrees with TFP's MultivariateNormalTriL KL."""
-    tfp = pytest.importorskip("tensorflow_probability.substrates.jax")
-    tfd = tfp.distributions
+def check_analytic_full_against_tfp(dtype):
+    """`analytic_full` in `dtype` agrees with TFP's MultivariateNormalTriL KL; like
+    TFP it reads only the lower triangles, so entries above either diagonal change nothing.
+
+    Used here in float32 and, in a subprocess with x64 on, in float64.
+    """
+    tfd = pytest.importorskip("tensorflow_probability.substrates.jax").distributions
     rng = np.random.default_rng(7)
-    qm, _, pm, _ = random_diag_params(rng, (50, 4))
-    tq, tp = random_tril(rng, (50,), 4), random_tril(rng, (50,), 4)
+    qm, _, pm, _ = (a.astype(dtype) for a in random_diag_params(rng, (50, 4)))
+    tq, tp = (random_tril(rng, (50,), 4).astype(dtype) for _ in range(2))
+    upper = np.triu(rng.normal(size=(2, 50, 4, 4)) * 5.0, 1).astype(dtype)
     peer = jax.jit(lambda a, b, c, d: tfd.kl_divergence(tfd.MultivariateNormalTriL(a, b),
-                                                        tfd.MultivariateNormalTriL(c, d)))(
-        qm, tq, pm, tp)
-    np.testing.assert_allclose(analytic_full(qm, tq, pm, tp), peer, rtol=1e-4, atol=1e-5)
+                                                        tfd.MultivariateNormalTriL(c, d)))
+    ours = np.asarray(analytic_full(qm, tq, pm, tp))
+    assert ours.dtype == dtype
+    # float32: both sides' triangular solves round (~1e-6); float64: ~1e-15.
+    rtol, atol = (1e-4, 1e-5) if dtype == np.float32 else (1e-11, 1e-13)
+    np.testing.assert_allclose(ours, peer(qm, tq, pm, tp), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(peer(qm, tq + upper[0], pm, tp + upper[1]), ours,
+                               rtol=rtol, atol=atol)
+    for gq, gp in ((upper[0], 0), (0, upper[1]), (upper[0], upper[1])):
+        np.testing.assert_array_equal(analytic_full(qm, tq + gq, pm, tp + gp), ours)
+    np.testing.assert_array_equal(analytic_full(qm, tq + upper[0]), analytic_full(qm, tq))
+
+
+def test_analytic_full_matches_tfp_and_ignores_upper_triangles():
+    check_analytic_full_against_tfp(np.float32)
 
 
 def test_analytic_matches_distrax():
@@ -387,18 +425,31 @@ print("OK", worst)
 """
 
 
+def _x64_env():
+    """The environment of a float64 subprocess that imports this checkout's vaekl."""
+    env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def test_float64_accuracy_in_subprocess():
     """With JAX_ENABLE_X64=1: float64 in, float64 out, ~1e-12 relative of the reference."""
     refs = "\n".join(textwrap.dedent(inspect.getsource(f))
                      for f in (ref_expm1mx, ref_kl_diag, ref_kl_full))
     code = _X64_SCRIPT.format(refs=refs)
-    env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=repo, check=False)
+    proc = subprocess.run([sys.executable, "-c", code], env=_x64_env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "OK" in proc.stdout
+
+
+def test_analytic_full_matches_tfp_and_ignores_upper_triangles_in_float64():
+    pytest.importorskip("tensorflow_probability.substrates.jax")
+    code = ("import numpy as np; from tests.kl_test import check_analytic_full_against_tfp;"
+            " check_analytic_full_against_tfp(np.float64); print('OK')")
+    proc = subprocess.run([sys.executable, "-c", code], env=_x64_env(), capture_output=True,
+                          text=True, timeout=120, cwd=REPO, check=False)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
 
 # --------------------------------------------------------------------------

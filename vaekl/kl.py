@@ -63,9 +63,8 @@ def analytic(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
     Per dimension, with d = q_log_var - p_log_var:
       1/2 [ (q_mean - p_mean)^2 e^-p_log_var + (e^d - 1 - d) ],
     evaluated with `expm1mx`, so it stays accurate where sigma_q ~ sigma_p and is
-    exactly 0 when q equals p. Against the standard normal, float32 inputs of at
-    least `vaekl.native.MIN_ELEMENTS` elements run on CPU in `vaekl.native`'s
-    one-pass kernel (the same arithmetic, 2e-7 relative; XLA's elsewhere).
+    exactly 0 when q equals p. The mean difference is scaled by e^(-p_log_var/2)
+    before it is squared, so that neither factor under- or overflows alone.
 
     Args:
       q_mean, q_log_var: posterior parameters, shape [..., dim].
@@ -77,40 +76,8 @@ def analytic(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
     Returns:
       The KL per sample, shape [...].
     """
-    args = _checked("vaekl.kl.analytic", q_mean, q_log_var, p_mean, p_log_var, prior)
-    if _native_applies(*args):
-        return _standard_normal_rows(args[0], args[1])
-    return jnp.sum(_terms(*args), axis=-1)
-
-
-def _native_applies(q_mean, q_log_var, p_mean, p_log_var) -> bool:
-    """Large float32 inputs against the standard normal go to `vaekl.native` on CPU."""
-    from vaekl import native
-
-    standard = all(isinstance(p, (int, float)) and p == 0 for p in (p_mean, p_log_var))
-    return (standard and jnp.shape(q_mean) == jnp.shape(q_log_var)
-            and q_mean.dtype == q_log_var.dtype == jnp.float32
-            and q_mean.size >= native.MIN_ELEMENTS and native.available())
-
-
-def _xla_rows(mean, log_var):
-    return jnp.sum(_terms(mean, log_var, 0.0, 0.0), axis=-1)
-
-
-@jax.custom_jvp
-def _standard_normal_rows(mean, log_var):
-    """KL to N(0, I) per row: the native kernel on CPU, XLA's formulation elsewhere."""
-    from vaekl import native
-
-    return jax.lax.platform_dependent(mean, log_var, cpu=native.kl_standard_normal,
-                                      default=_xla_rows)
-
-
-@_standard_normal_rows.defjvp
-def _standard_normal_rows_jvp(primals, tangents):
-    (mean, log_var), (d_mean, d_log_var) = primals, tangents
-    tangent = jnp.sum(mean * d_mean + 0.5 * jnp.expm1(log_var) * d_log_var, axis=-1)
-    return _standard_normal_rows(mean, log_var), tangent
+    return jnp.sum(_terms(*_checked("vaekl.kl.analytic", q_mean, q_log_var, p_mean, p_log_var,
+                                    prior)), axis=-1)
 
 
 def analytic_per_dim(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
@@ -143,7 +110,7 @@ def _checked(name, q_mean, q_log_var, p_mean, p_log_var, prior):
 
 
 def _terms(q_mean, q_log_var, p_mean, p_log_var):
-    mean_term = jnp.square(q_mean - p_mean) * jnp.exp(-jnp.asarray(p_log_var))
+    mean_term = jnp.square((q_mean - p_mean) * jnp.exp(-0.5 * jnp.asarray(p_log_var)))
     return 0.5 * (mean_term + expm1mx(q_log_var - p_log_var))
 
 
@@ -155,13 +122,16 @@ def analytic_full(q_mean: jax.typing.ArrayLike, q_scale_tril: jax.typing.ArrayLi
     With M = L_p^-1 L_q and y = L_p^-1 (q_mean - p_mean):
       KL = 1/2 [ sum_{i!=j} M_ij^2 + sum_i (M_ii^2 - 1 - log M_ii^2) + |y|^2 ],
     the diagonal part through `expm1mx`. KL(q || q) is 0 up to the rounding of
-    the triangular solve (a few squared ulps, below 1e-12 in float32).
+    the triangular solve (a few squared ulps, below 1e-12 in float32). Only the
+    lower triangles of both factors are read, as in TFP's `MultivariateNormalTriL`:
+    entries above the diagonal are ignored.
 
     Args:
       q_mean: shape [..., dim].
       q_scale_tril: lower-triangular factor with non-zero diagonal, [..., dim, dim].
       p_mean: broadcastable to [..., dim] (default 0).
-      p_scale_tril: [..., dim, dim] lower-triangular, or None for the identity.
+      p_scale_tril: [..., dim, dim] lower-triangular with non-zero diagonal, or None
+        for the identity.
 
     Returns:
       The KL per sample, shape [...].
@@ -186,11 +156,11 @@ def analytic_full(q_mean: jax.typing.ArrayLike, q_scale_tril: jax.typing.ArrayLi
         name, {"q_mean": q_mean, "p_mean": p_mean,
                **{k: v[..., 0] for k, v in mats.items()}}, min_ndim=("q_mean",))[:-1]
     diff = jnp.broadcast_to(q_mean - p_mean, batch + (dim,))
-    lq = jnp.broadcast_to(q_scale_tril, batch + (dim, dim))
+    lq = jnp.broadcast_to(jnp.tril(q_scale_tril), batch + (dim, dim))
     if p_scale_tril is None:
         m, y = lq, diff
     else:
-        lp = jnp.broadcast_to(p_scale_tril, batch + (dim, dim))
+        lp = jnp.broadcast_to(jnp.tril(p_scale_tril), batch + (dim, dim))
         m = jax.scipy.linalg.solve_triangular(lp, lq, lower=True)
         y = jax.scipy.linalg.solve_triangular(lp, diff[..., None], lower=True)[..., 0]
     diag = jnp.diagonal(m, axis1=-2, axis2=-1)

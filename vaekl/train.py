@@ -227,7 +227,7 @@ def _seed_after_seed(epoch_fn):
     One seed's matmuls already keep every core busy, so vectorising seeds gains
     nothing on a CPU, and it costs cache: 8 seeds' parameters and Adam moments
     (104 MB for the Flax-example model) overflow a 32 MB L3 where one seed's fit,
-    and 8 vmapped seeds ran 7-10% slower per seed than one (BENCHMARKS.md). Mapped,
+    and 8 vmapped seeds ran 7-10% slower per seed than one (benchmarks/README.md). Mapped,
     each seed's state stays in cache for its whole epoch. Same inputs and outputs
     as the vmapped epoch: state and metrics stacked over seeds.
     """

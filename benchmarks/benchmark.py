@@ -1,14 +1,20 @@
 """vaekl against its peer and against the machine's own limits, in one process.
 
-  python -m experiments.benchmark --out=DIR [--quick] [--data_dir=TFDS_DIR]
+  python -m benchmarks.benchmark --out=DIR [--quick] [--data_dir=TFDS_DIR] [--sections=...]
 
-Writes DIR/benchmark.json and DIR/benchmark.md. Each timing is repeated
-(`--repeats`) and reported as min / median / max; ratios use medians and are
-> 1 when vaekl is faster, unless the key says otherwise. `--quick` shrinks every
-measurement (tests run it for correctness only; its numbers mean nothing).
+Run from the root of a checkout: it times the `vaekl` and `experiments` of that
+checkout (its subprocesses run there too). Writes DIR/benchmark.json and
+DIR/benchmark.md. Each timing is repeated (`--repeats`) and reported as
+min / median / max; ratios use medians and are > 1 when vaekl is faster, unless
+the key says otherwise. `--quick` shrinks every measurement (tests run it for
+correctness only; its numbers mean nothing). benchmarks/README.md says what
+each key measures.
 
 The model is the Flax example's: 784-500-20 ReLU MLP encoder and decoder,
-Bernoulli likelihood, analytic KL, batch 128, Adam 1e-3.
+Bernoulli likelihood, analytic KL, batch 128, Adam 1e-3. Of vaekl it calls only
+`train.create_optimizer`, `train.training_fns`, `models.VAE` and `elbo.iwae`
+(with the `flax` preset of experiments/configs/train.py, and `experiments.main`
+as a command), so that one script times trees before and after a change.
 """
 
 import json
@@ -26,13 +32,12 @@ flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a correctness check, not a measurement.")
 flags.DEFINE_integer("repeats", 5, "Repeats of each timing.")
 flags.DEFINE_string("data_dir", None, "tfds data_dir with binarized_mnist prepared (for"
-                    " time_to_elbo_s); skipped when the data set is not prepared there.")
+                    " the 'elbo' section, which is skipped without it).")
 flags.DEFINE_integer("iwae_images", 1000, "Test images for the IWAE-5000 measurement.")
-flags.DEFINE_bool("torch", True, "Measure the PyTorch peer (needs torch).")
-SECTIONS = ("import", "step", "torch", "kl", "vmap8", "iwae", "elbo")
+SECTIONS = ("import", "step", "torch", "vmap8", "iwae", "elbo")
 flags.DEFINE_list("sections", list(SECTIONS), f"Which measurements to run, of {SECTIONS}"
-                  " ('step' also gives compile_s and the matmul roofline; 'torch', 'vmap8'"
-                  " and 'iwae' need it).")
+                  " ('step' also gives compile_s and the matmul chain; 'torch' (it needs"
+                  " PyTorch), 'vmap8' and 'iwae' run it too).")
 flags.mark_flag_as_required("out")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,10 +101,10 @@ def vaekl_epoch(steps, num_seeds=1, vmap_seeds=None):
     import jax
     import jax.numpy as jnp
 
-    from vaekl import train
+    from vaekl import models, train
 
     config = _train_config(num_seeds=num_seeds)
-    model = train.models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
+    model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
     tx = train.create_optimizer(config, steps)
     x = jnp.asarray(_fake_binary_data(steps * BATCH))
     keys, init, step = train.training_fns(model, config, tx, data_dim=DIM,
@@ -202,56 +207,45 @@ def torch_epoch(steps, compiled):
     return run
 
 
-def bench_kl_bandwidth(repeats, rows):
-    """Per-sample analytic KL on [rows, 64] float32 against jnp.sum over the same arrays.
-
-    `kl.analytic` runs vaekl's native kernel where it is built (CPU); XLA's own
-    formulation of the same sums is timed beside it.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from vaekl import kl, native
-
-    k1, k2 = jax.random.split(jax.random.key(0))
-    mean = jax.random.normal(k1, (rows, 64))
-    log_var = jax.random.normal(k2, (rows, 64))
-    f_kl = jax.jit(kl.analytic)
-    f_xla = jax.jit(lambda m, v: jnp.sum(kl.analytic_per_dim(m, v), -1))
-    f_sum = jax.jit(lambda a, b: jnp.sum(a, -1) + jnp.sum(b, -1))
-    for f in (f_kl, f_xla, f_sum):
-        f(mean, log_var).block_until_ready()
-    t = _timeit({name: (lambda f=f: f(mean, log_var).block_until_ready())
-                 for name, f in (("kl", f_kl), ("xla", f_xla), ("sum", f_sum))}, repeats)
-    t_kl, t_xla, t_sum = t["kl"], t["xla"], t["sum"]
-    gb = 2 * mean.size * 4 / 1e9
-    used = native.TARGET in f_kl.lower(mean, log_var).as_text()
-    return {"kl_s": _stats(t_kl), "xla_kl_s": _stats(t_xla), "sum_s": _stats(t_sum),
-            "kl_gb_per_s": gb / t_kl[1], "xla_kl_gb_per_s": gb / t_xla[1],
-            "sum_gb_per_s": gb / t_sum[1], "native_kernel": used}
-
-
 def bench_iwae(images, samples, repeats):
-    """IWAE-`samples` over `images` test-like images: seconds, and the model FLOPs done."""
+    """IWAE-`samples` over `images` test-like images: seconds, and the model FLOPs done.
+
+    As an evaluation runs it: a Python loop over batches of the train config's
+    `eval_batch_size` images, one jitted `elbo.iwae` (`eval_chunk_size` draws at
+    a time) per batch, each batch fetched before the next is dispatched.
+    """
+    import functools
+
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from vaekl import evaluate, models, train
+    from vaekl import elbo, models
 
-    config = _train_config(eval_importance_samples=samples)
+    config = _train_config()
     model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
-    data = type("Data", (), {"x": _fake_binary_data(images, 1), "model": None,
-                             "shape": (28, 28, 1), "dim": DIM,
-                             "__len__": lambda self: images})()
-    keys = train.seed_keys(0)
-    params = model.init(keys["init"], jnp.zeros((1, DIM)), jnp.zeros((1, LATENTS)))
-    ev = evaluate.Evaluator(model, config, data, keys, vmapped=False)
-    ev.summary(params, importance_samples=samples)  # Compile.
-    t = _timeit({"iwae": lambda: ev.summary(params, importance_samples=samples)},
-                max(1, repeats // 2))["iwae"]
+    batch = min(config.eval_batch_size, images)
+    num_batches = -(-images // batch)
+    x = _fake_binary_data(num_batches * batch, 1).reshape(num_batches, batch, DIM)
+    params = model.init(jax.random.key(0), jnp.zeros((1, DIM)), jnp.zeros((1, LATENTS)))
+    keys = jax.random.split(jax.random.key(1), num_batches)
+
+    @jax.jit
+    def one_batch(params, x, key):
+        mean, log_var = model.apply(params, x, method=models.VAE.encode)
+        log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
+        return elbo.iwae(key, mean, log_var, log_lik, num_samples=samples,
+                         chunk_size=config.eval_chunk_size)
+
+    def run():
+        for i in range(num_batches):
+            np.asarray(one_batch(params, x[i], keys[i]))
+
+    run()  # Compile.
+    t = _timeit({"iwae": run}, max(1, repeats // 2))["iwae"]
     # Decoder forward per sample: 2*(20*500 + 500*784) FLOPs.
-    flops = images * samples * 2 * (LATENTS * HIDDEN + HIDDEN * DIM)
-    return _stats(t), flops, jax.devices()[0].platform
+    flops = num_batches * batch * samples * 2 * (LATENTS * HIDDEN + HIDDEN * DIM)
+    return _stats(t), flops
 
 
 def peak_rss_gb() -> float:
@@ -274,8 +268,8 @@ def peak_rss_gb() -> float:
 
 def _iwae_in_subprocess(images, samples, repeats):
     """bench_iwae in a fresh process, so that its peak RSS is the evaluation's own."""
-    code = ("import json, sys; from experiments.benchmark import bench_iwae, peak_rss_gb;"
-            " t, flops, _ = bench_iwae(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]));"
+    code = ("import json, sys; from benchmarks.benchmark import bench_iwae, peak_rss_gb;"
+            " t, flops = bench_iwae(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]));"
             " print(json.dumps({'seconds': t, 'gflop_per_s': flops / t['median'] / 1e9,"
             " 'peak_rss_gb': peak_rss_gb()}))")
     out = subprocess.run([sys.executable, "-c", code, str(images), str(samples), str(repeats)],
@@ -320,6 +314,12 @@ def main(argv):
                              f" {sorted(sections - set(SECTIONS))}")
     if sections & {"torch", "vmap8", "iwae"}:
         sections.add("step")
+    if "torch" in sections:
+        try:
+            import torch
+        except ImportError as e:
+            raise app.UsageError("--sections: 'torch' needs PyTorch (pip install -e .[bench]);"
+                                 " leave it out to skip the PyTorch peer.") from e
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     quick, repeats = FLAGS.quick, 2 if FLAGS.quick else FLAGS.repeats
@@ -337,9 +337,7 @@ def main(argv):
         vaekl_run, first_call = vaekl_epoch(steps)
         chain_run, flops = matmul_chain(steps)
         runs = {"vaekl": vaekl_run, "chain": chain_run}
-        if "torch" in sections and FLAGS.torch:
-            import torch
-
+        if "torch" in sections:
             res["torch"] = torch.__version__
             runs["torch_eager"] = torch_epoch(steps, compiled=False)
             runs["torch_compile"] = torch_epoch(steps, compiled=True)
@@ -357,11 +355,6 @@ def main(argv):
             res["train_step_vs_torch"] = times["torch_eager"]["median"] / vaekl_step["median"]
             res["train_step_vs_torch_compile"] = (times["torch_compile"]["median"]
                                                   / vaekl_step["median"])
-    if "kl" in sections:
-        bw = bench_kl_bandwidth(repeats, 10_000 if quick else 1_000_000)
-        res["kl_bandwidth"] = bw
-        res["kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["kl_s"]["median"]
-        res["xla_kl_vs_sum_bandwidth"] = bw["sum_s"]["median"] / bw["xla_kl_s"]["median"]
     if "vmap8" in sections:
         # num_seeds=8 as training runs it (on CPU one seed after another) and vectorised.
         runs = {"one": vaekl_run, "eight": vaekl_epoch(steps, num_seeds=8)[0]}
@@ -389,7 +382,7 @@ def main(argv):
 
 def _markdown(res):
     keys = ("train_step_vs_torch", "train_step_vs_torch_compile", "train_step_vs_matmul",
-            "kl_vs_sum_bandwidth", "xla_kl_vs_sum_bandwidth", "iwae5000_peak_rss_gb",
+            "iwae5000_peak_rss_gb",
             "iwae5000_vs_matmul", "vmap8_vs_1", "vmap8_vectorised_vs_1", "time_to_elbo_s",
             "elbo_after_10_epochs")
     lines = [f"# vaekl benchmark ({res['date']}, {res['machine']}, {res['cpu_count']} CPUs,"

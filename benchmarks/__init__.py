@@ -1,0 +1,1 @@
+"""The benchmark, run from a checkout (`python -m benchmarks.benchmark`); not installed."""

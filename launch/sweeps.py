@@ -186,6 +186,23 @@ _KL_TERMS = ["analytic", "k1", "k3", "stl"]
 _DIGITS = {"dataset": "digits"}
 _TINY_ESTIMATORS = {"num_draws": 2000, "schulman_draws": 2000, "histogram_draws": 2000}
 
+
+def _burda_rows(k50: bool) -> list[Overrides]:
+    """The study's rows (Burda et al.'s protocol): VAE k = 1 with each KL term over 3 seeds,
+    VAE and IWAE (reparam, STL, DReG) k = 5 over 2, and where asked k = 50 over 2."""
+    vae1 = product(kl=_KL_TERMS, objective=["elbo"], num_samples=[1], num_seeds=[3])
+    vae5 = [{"kl": "analytic", "objective": "elbo", "num_samples": 5, "num_seeds": 2}]
+    iwae5 = product(objective=["iwae"], num_samples=[5],
+                    grad_estimator=["reparam", "stl", "dreg"], num_seeds=[2])
+    rows = chain(vae1, vae5, iwae5)
+    if k50:
+        rows = chain(rows, [{"kl": "analytic", "objective": "elbo", "num_samples": 50,
+                             "num_seeds": 2}],
+                     product(objective=["iwae"], num_samples=[50],
+                             grad_estimator=["reparam", "dreg"], num_seeds=[2]))
+    return rows
+
+
 SWEEPS: dict[str, Sweep] = {
     "smoke": Sweep(
         config="experiments/configs/train.py:quick",
@@ -207,6 +224,18 @@ SWEEPS: dict[str, Sweep] = {
         runs=product(seed=[0, 1]),
         fixed=_TINY_ESTIMATORS,
         description="the estimator experiment with 2000 draws per case, 2 seeds"),
+    "burda_full": Sweep(
+        config="experiments/configs/burda.py:full",
+        runs=_burda_rows(k50=True),
+        description="the study, Burda et al.'s 3,280 epochs on mnist (days of CPU per row)"),
+    "burda_short": Sweep(
+        config="experiments/configs/burda.py:short",
+        runs=_burda_rows(k50=True),
+        description="the study, 40 epochs (the schedule's first 4 stages) on mnist"),
+    "burda_quick": Sweep(
+        config="experiments/configs/burda.py:quick",
+        runs=_burda_rows(k50=False),
+        description="the study's rows for seconds each on digits (tests)"),
 }
 
 

@@ -1,0 +1,34 @@
+"""Burda et al.'s (2015) one-stochastic-layer protocol on MNIST, for the study sweeps.
+
+  python -m launch.sweep --sweep=burda_short --root=ROOT   # every row, resumable
+  python -m launch.collect --root=ROOT                      # the table beside Burda's Table 1
+
+The net, optimiser and schedule are the `iwae` preset of train.py (784-200-200-50
+tanh, batch 20, Adam b1 0.99 eps 1e-4, lr 1e-3 round(10^(-i/7), 1) for 3^i epochs)
+on `mnist` with dynamic binarisation, evaluated by the IWAE-5000 test
+log-likelihood. The argument names the protocol:
+
+  full   Burda's 3,280 epochs (i = 0..7)
+  short  the schedule's first four stages, 1+3+9+27 = 40 epochs, same learning rates
+  quick  seconds, on the embedded `digits` (tests)
+
+The rows (objective, K, KL term, gradient estimator) are the sweeps' runs, in
+launch/sweeps.py.
+"""
+
+from experiments.configs import train
+
+PROTOCOLS = {"full": 3280, "short": 40, "quick": 2}
+
+
+def get_config(protocol=None):
+    protocol = protocol or "short"
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"burda config: unknown protocol {protocol!r}; expected one of"
+                         f" {', '.join(PROTOCOLS)}.")
+    c = train.get_config("iwae")
+    c.num_epochs = PROTOCOLS[protocol]
+    c.checkpoint_every_secs = 60.0
+    if protocol == "quick":
+        c.dataset, c.eval_importance_samples, c.log_every_steps = "digits", 20, 20
+    return c

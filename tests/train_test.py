@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from experiments.configs import train as train_config
 from vaekl import checkpoint, train
+from vaekl import config as vaekl_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,3 +202,85 @@ def test_flax_example_setting_reaches_its_published_elbo(tmp_path):
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert results["steps"] == 3900
     assert results["test_elbo"] >= -103.6
+
+
+# ---------------------------------------------------------------------------------------
+# Notebook use: `import vaekl` light, submodules on demand, partial configs completed.
+# ---------------------------------------------------------------------------------------
+
+
+def _lazy_modules():
+    """The modules of vaekl/ that `import vaekl` does not load itself (every other one)."""
+    eager = {"elbo", "kl", "priors"}
+    return sorted(p.stem for p in (REPO / "vaekl").glob("*.py")
+                  if p.stem != "__init__" and p.stem not in eager)
+
+
+def test_import_vaekl_is_light_and_reaches_its_modules_on_demand():
+    code = (
+        "import json, sys, vaekl\n"
+        "loaded = [m for m in ('tensorflow', 'vaekl.train', 'vaekl.data', 'vaekl.models',"
+        " 'vaekl.config') if m in sys.modules]\n"
+        "fn = vaekl.train.train_and_evaluate\n"
+        "names = [getattr(vaekl, m).__name__ for m in sys.argv[1:]]\n"
+        "print(json.dumps({'loaded_by_import': loaded, 'fn': fn.__module__ + '.' + fn.__name__,"
+        " 'names': names, 'tensorflow_after': 'tensorflow' in sys.modules}))\n"
+        "try:\n"
+        "    vaekl.no_such_module\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n")
+    modules = _lazy_modules()
+    out = subprocess.run([sys.executable, "-c", code, *modules], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    found = json.loads(out[0])
+    assert found["loaded_by_import"] == []
+    assert found["fn"] == "vaekl.train.train_and_evaluate"
+    assert found["names"] == [f"vaekl.{m}" for m in modules]
+    assert not found["tensorflow_after"]
+    assert out[1] == "module 'vaekl' has no attribute 'no_such_module'"
+
+
+def test_every_module_is_listed_as_lazy():
+    import vaekl
+
+    assert sorted(vaekl.LAZY_MODULES) == _lazy_modules()
+    assert set(vaekl.LAZY_MODULES) <= set(dir(vaekl))
+
+
+def test_a_partial_config_is_completed_from_the_defaults():
+    partial = ConfigDict(dict(dataset="linear_gaussian", num_epochs=2, hidden=[16]))
+    full = vaekl_config.complete(partial)
+    expected = vaekl_config.get_config().to_dict()
+    expected.update(dataset="linear_gaussian", num_epochs=2, hidden=(16,))
+    assert full.to_dict() == expected
+    assert sorted(partial.keys()) == ["dataset", "hidden", "num_epochs"]  # Left unchanged.
+    assert vaekl_config.complete(dict(num_epochs=2)).num_epochs == 2  # A plain dict too.
+    flax = train_config.get_config("flax")
+    assert vaekl_config.complete(flax).to_json_best_effort() == flax.to_json_best_effort()
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    (dict(num_epoch=2), ValueError, r"^config\.num_epoch: unknown field; did you mean 'num_epochs'\?$"),
+    (dict(dataset="digits", zzz=1), ValueError,
+     r"^config\.zzz: unknown field; expected a field of vaekl\.config\.get_config\(\)\.$"),
+    (dict(latents="many"), TypeError, r"^config\.latents: "),
+])
+def test_a_bad_partial_config_is_refused_with_the_field_named(tmp_path, fields, error, message):
+    with pytest.raises(error, match=message):
+        train.train_and_evaluate(ConfigDict(fields), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_partial_config_trains_outside_app_run_with_its_progress_on_stderr(tmp_path):
+    # A fresh process, as a notebook kernel: no absl flags parsed, no app.run.
+    code = ("import sys, vaekl, ml_collections\n"
+            "config = ml_collections.ConfigDict(dict(num_epochs=1, eval_importance_samples=0))\n"
+            "vaekl.train.train_and_evaluate(config, sys.argv[1])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert re.search(r"train\.py:\d+\] digits: \d+ parameters", proc.stderr), proc.stderr
+    assert re.search(r"step 23/23 ", proc.stderr), proc.stderr
+    assert "orbax" not in proc.stderr and "checkpoint_manager" not in proc.stderr
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == json.loads(vaekl_config.complete(
+        dict(num_epochs=1, eval_importance_samples=0)).to_json_best_effort())

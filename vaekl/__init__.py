@@ -1,11 +1,29 @@
 """vaekl: the KL term of variational autoencoders, analytic and sampled, measured.
 
 Light to import (no TensorFlow): `vaekl.kl`, `vaekl.elbo` and `vaekl.priors`
-are loaded here; `vaekl.data`, `vaekl.models` and `vaekl.train` on demand.
+are loaded here; the other modules (`vaekl.train`, `vaekl.data`, `vaekl.models`,
+`vaekl.config`, ...) on first use of the attribute, so that `import vaekl` then
+`vaekl.train.train_and_evaluate(...)` works as in a notebook.
 """
+
+import importlib
 
 from vaekl import elbo, kl, priors
 from vaekl.validate import checked
 
 __all__ = ["checked", "elbo", "kl", "priors"]
 __version__ = "0.1.0"
+
+# The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.
+LAZY_MODULES = ("checkpoint", "config", "data", "evaluate", "linear_gaussian", "logs",
+                "models", "native", "prepare", "train", "validate", "workdir")
+
+
+def __getattr__(name: str):
+    if name in LAZY_MODULES:
+        return importlib.import_module(f"vaekl.{name}")  # Also binds it here.
+    raise AttributeError(f"module 'vaekl' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(LAZY_MODULES))

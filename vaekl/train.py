@@ -26,7 +26,8 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import bounds, checkpoint, elbo, evaluate, kl, models, workdir as workdir_lib
+from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, workdir as workdir_lib
+from vaekl import config as config_lib
 
 OBJECTIVES = ("elbo",) + bounds.OBJECTIVES
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -328,6 +329,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Returns:
       The results dict written to results.json.
     """
+    logs.show_info()  # Progress lines in a notebook too, where no absl app set up logging.
+    config = config_lib.complete(config)  # A partial config takes the defaults' other fields.
     start_time = time.time()
     devices = jax.local_devices()
     _check_config(config, len(devices))

@@ -26,6 +26,8 @@ from typing import Any
 
 from absl import app, flags
 
+from launch import study
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "The sweep's root directory (as given to launch.sweep).")
 flags.DEFINE_list("group_by", None, "Columns to group by (default: swept fields but seed).")
@@ -264,6 +266,10 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
     paths["summary"].write_text(summary_markdown(root, groups, group_by, result_columns, seeds,
                                                  len(unfinished)))
     plot(groups, group_by, metric, paths["plot"])
+    if study.is_study(finished):  # The burda_* sweeps: their table beside Burda's Table 1.
+        study_paths, table = study.write(root, finished)
+        paths["summary"].write_text(paths["summary"].read_text() + "\n" + table)
+        paths.update(study_paths)
     return paths
 
 

@@ -18,7 +18,7 @@ launch/sweeps.py.
 
 from experiments.configs import train
 
-PROTOCOLS = {"full": 3280, "short": 40, "quick": 2}
+PROTOCOLS = {"full": 3280, "short": 40, "quick": 1}
 
 
 def get_config(protocol=None):

@@ -29,10 +29,15 @@ from absl import app, flags
 from launch import study
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("root", None, "The sweep's root directory (as given to launch.sweep).")
-flags.DEFINE_list("group_by", None, "Columns to group by (default: swept fields but seed).")
-flags.DEFINE_string("metric", None, "The column to plot (default: test_elbo where present).")
-flags.mark_flags_as_required(["root"])
+
+
+def _define_flags() -> None:
+    """The flags of the command line (defined by it only, so the module imports freely)."""
+    flags.DEFINE_string("root", None, "The sweep's root directory (as given to launch.sweep).")
+    flags.DEFINE_list("group_by", None, "Columns to group by (default: swept fields but seed).")
+    flags.DEFINE_string("metric", None, "The column to plot (default: test_elbo where present).")
+    flags.mark_flags_as_required(["root"])
+
 
 SEED = "seed"
 DEFAULT_METRIC = "test_elbo"
@@ -285,4 +290,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -43,22 +43,27 @@ from launch import executors, sweeps
 from launch import runs as runs_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("sweep", None, "A sweep of launch.sweeps.SWEEPS, or FILE.py:NAME.")
-flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
-flags.DEFINE_enum("executor", "local", ["local", "slurm"], "Where the runs run.")
-flags.DEFINE_integer("parallel", None, "Runs at once (local: default 1; slurm: array "
-                     "parallelism, default all).")
-flags.DEFINE_bool("retry_failed", False, "Start failed runs again.")
-flags.DEFINE_bool("status", False, "List the state of every run and exit.")
-flags.DEFINE_bool("dry_run", False, "List what would be started, with commands, and exit.")
-flags.DEFINE_string("partition", None, "slurm: the partition (default: the cluster's).")
-flags.DEFINE_integer("time_min", None, "slurm: time limit per run in minutes (default 60).")
-flags.DEFINE_integer("gpus", None, "slurm: GPUs per node (default 0).")
-flags.DEFINE_integer("cpus", None, "slurm: CPUs per task (default: the cluster's).")
-flags.DEFINE_bool("wait", False, "slurm: wait for the jobs to end, then list the states.")
-flags.DEFINE_enum("submitit_cluster", "slurm", ["slurm", "local"],
-                  "slurm: submitit's cluster; local runs the jobs as local processes.")
-flags.mark_flags_as_required(["sweep", "root"])
+
+
+def _define_flags() -> None:
+    """The flags of the command line (defined by it only, so the module imports freely)."""
+    flags.DEFINE_string("sweep", None, "A sweep of launch.sweeps.SWEEPS, or FILE.py:NAME.")
+    flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
+    flags.DEFINE_enum("executor", "local", ["local", "slurm"], "Where the runs run.")
+    flags.DEFINE_integer("parallel", None, "Runs at once (local: default 1; slurm: array "
+                         "parallelism, default all).")
+    flags.DEFINE_bool("retry_failed", False, "Start failed runs again.")
+    flags.DEFINE_bool("status", False, "List the state of every run and exit.")
+    flags.DEFINE_bool("dry_run", False, "List what would be started, with commands, and exit.")
+    flags.DEFINE_string("partition", None, "slurm: the partition (default: the cluster's).")
+    flags.DEFINE_integer("time_min", None, "slurm: time limit per run in minutes (default 60).")
+    flags.DEFINE_integer("gpus", None, "slurm: GPUs per node (default 0).")
+    flags.DEFINE_integer("cpus", None, "slurm: CPUs per task (default: the cluster's).")
+    flags.DEFINE_bool("wait", False, "slurm: wait for the jobs to end, then list the states.")
+    flags.DEFINE_enum("submitit_cluster", "slurm", ["slurm", "local"],
+                      "slurm: submitit's cluster; local runs the jobs as local processes.")
+    flags.mark_flags_as_required(["sweep", "root"])
+
 
 _SLURM_ONLY = ("partition", "time_min", "gpus", "cpus", "wait", "submitit_cluster")
 _LAUNCHED = (runs_lib.PENDING, runs_lib.INTERRUPTED)
@@ -168,4 +173,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

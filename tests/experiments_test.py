@@ -6,21 +6,31 @@ CPU cores) exercises estimators, gradient_variance, compare_training and posteri
 end to end; the tests then check the figures each part wrote.
 """
 
+import importlib
 import itertools
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
 from experiments import compare_training, main
+from experiments.configs import catalog, presets
 from experiments.configs import compare_training as compare_training_config
 from experiments.configs import estimators as estimators_config
 from experiments.configs import gradient_variance as gradient_variance_config
 from experiments.configs import main as main_config
 from experiments.configs import posterior_gap as posterior_gap_config
+from experiments.configs import train as train_config
 
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = ("compare_training", "estimators", "gradient_variance", "main", "posterior_gap",
+                "train")
 PART_CONFIGS = {"estimators": estimators_config, "gradient_variance": gradient_variance_config,
                 "compare_training": compare_training_config, "posterior_gap": posterior_gap_config}
 
@@ -161,3 +171,80 @@ def test_compare_training_has_every_run(main_run, monkeypatch):
     monkeypatch.setattr(train, "train_and_evaluate", no_training)
     again = compare_training.run(config, str(workdir))
     assert again["rows"] == results["rows"]
+
+
+# --- The entry point: --help, presets and the check of a config. ---
+
+
+def _help(*args) -> str:
+    result = subprocess.run([sys.executable, "-m", "experiments.main", "--help", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_help_lists_the_experiments_and_the_presets_of_each_config_file():
+    text = _help()
+    for name in ("compare_training", "estimators", "gradient_variance", "main_job",
+                 "posterior_gap", "train"):
+        assert re.search(rf"^  {name} +\S", text, re.M), name  # The name and its one line.
+    for name in CONFIG_FILES:
+        assert f"  experiments/configs/{name}.py  (experiment " in text, name
+    for preset in ("quick", "flax", "iwae", "linear"):
+        assert re.search(rf"^    :{preset} +\S", text, re.M), preset
+
+
+def test_help_with_a_config_lists_its_fields_values_and_a_line_each():
+    text = _help("--config=experiments/configs/train.py:quick")
+    assert re.search(r"^  --config\.kl='analytic' +The KL term, one of", text, re.M)
+    assert re.search(r"^  --config\.num_epochs=3 +Passes over", text, re.M)  # The preset's.
+    assert re.search(r"^  --config\.data_dir=None +tfds data_dir", text, re.M)
+    nested = _help("--config=experiments/configs/compare_training.py")
+    assert re.search(r"^  --config\.kls=\('analytic', 'k1', 'k3', 'stl'\) +KL terms", nested,
+                     re.M)
+    assert re.search(r"^  --config\.train\.num_epochs=200 +Passes over", nested, re.M)
+
+
+def _undocumented(config, file: str, path: str = "config") -> list[str]:
+    """The fields of `config` (made by `file`) and of its experiments' sub-configs without
+    the one-line comment that --help shows."""
+    docs = catalog.field_docs(REPO / file)
+    files = {experiment: f for experiment, (f, _) in catalog.defaults().items()}
+    missing = [f"{path}.{key}" for key in config.keys() if key not in docs]
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict) and "experiment" in value:
+            missing += _undocumented(value, files[value.experiment], f"{path}.{key}")
+    return missing
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_preset_is_documented_and_passes_the_check_and_no_other_is_taken(name):
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for preset in (None, *module.PRESETS):
+        config = module.get_config(preset)
+        assert _undocumented(config, f"experiments/configs/{name}.py") == [], preset
+        assert catalog.check(config) == [], preset
+    expected = f"unknown preset 'bogus'; expected one of {', '.join(module.PRESETS)} or none."
+    with pytest.raises(presets.UnknownPresetError, match=re.escape(expected)):
+        module.get_config("bogus")
+
+
+def test_check_names_each_field_the_experiment_refuses():
+    fields = dict(train_config.get_config().to_dict(), hidden=7, num_epochs=2.5, no_such_field=1)
+    problems = catalog.check(ml_collections.ConfigDict(fields))
+    assert problems == [
+        "--config.no_such_field: config has no field 'no_such_field'; `python -m"
+        " experiments.main --help --config=experiments/configs/train.py` lists them.",
+        "--config.hidden: expected tuple, got 7.",
+        "--config.num_epochs: expected int, got 2.5."]
+    config = main_config.get_config("quick")
+    config.compare_training.train.dataset = "mnits"
+    config.parts = ("estimators", "nope")
+    assert catalog.check(config) == [
+        "--config.parts: unknown value 'nope'; expected each to be one of estimators,"
+        " gradient_variance, compare_training, posterior_gap.",
+        "--config.compare_training.train.dataset: unknown value 'mnits'; expected one of"
+        " binarized_mnist, digits, fashion_mnist, frey_face, linear_gaussian, mnist, omniglot."]
+    with pytest.raises(ValueError, match=r"^--config\.dataset: unknown value 'mnits'"):
+        main.run(config.compare_training.train, "unused")  # Refused before it runs.

@@ -2,7 +2,7 @@
 
 The executors run real `python -m experiments.main` subprocesses of the estimators
 experiment with 2000 draws per case (a few seconds each). A failing run is a real one
-too: an override of a field the config lacks, which config_flags rejects. The Slurm
+too: one draw per estimate leaves a case without a standard deviation. The Slurm
 path runs through submitit's local executor (real jobs), and up to `sbatch` with fake
 `sbatch`/`srun`/`squeue` executables on PATH that record what submitit hands them.
 """
@@ -25,9 +25,10 @@ from launch.sweeps import Sweep, chain, product, zip_
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
-# A test config: the estimators quick config cut to 2 cases x 2 estimators with 2000
-# draws each (a few seconds, mostly compiling). The `fixed` variant also has the field
-# the failing run overrides, which fixes that run.
+# A test config: the estimators quick config cut to 2 estimators and to Schulman's 2 cases
+# with 2000 draws each (a few seconds, mostly compiling), and the first case once more,
+# which takes `num_draws`: the failing run's num_draws=1 leaves it without a standard
+# deviation. The `fixed` variant drops that case, which fixes that run.
 CONFIG = """\
 import importlib.util
 
@@ -39,22 +40,22 @@ spec.loader.exec_module(estimators)
 def get_config(arg=None):
     config = estimators.get_config("quick")
     config.num_draws = config.schulman_draws = config.histogram_draws = 2000
-    config.cases, config.estimators = config.cases[:2], ("k1", "k3")
-{extra}    return config
+    config.estimators = ("k1", "k3")
+    config.cases = {cases}
+    return config
 """
-FIX = "    config.no_such_field = 0\n"
 
-# Two good runs and one that fails until the config gains `no_such_field`.
+# Two good runs and one that fails until the config drops its third case.
 SWEEP_FILE = """\
 from launch.sweeps import Sweep, chain, product
 
 flaky = Sweep(config={config!r},
-              runs=chain(product(seed=[0, 1]), [{{"seed": 2, "no_such_field": 1}}]))
-failing = Sweep(config={config!r}, runs=[{{"seed": 2, "no_such_field": 1}}])
-pair = Sweep(config={config!r}, runs=[{{"seed": 0}}, {{"seed": 2, "no_such_field": 1}}])
+              runs=chain(product(seed=[0, 1]), [{{"seed": 2, "num_draws": 1}}]))
+failing = Sweep(config={config!r}, runs=[{{"seed": 2, "num_draws": 1}}])
+pair = Sweep(config={config!r}, runs=[{{"seed": 0}}, {{"seed": 2, "num_draws": 1}}])
 one = Sweep(config={config!r}, runs=[{{"seed": 0}}])
 """
-FAILING_RUN = "no_such_field=1,seed=2"
+FAILING_RUN = "num_draws=1,seed=2"
 
 
 def write_sweep_files(directory: Path) -> tuple[Path, Path]:
@@ -68,7 +69,8 @@ def write_sweep_files(directory: Path) -> tuple[Path, Path]:
 
 def write_config(path: Path, fixed: bool) -> None:
     estimators = str(REPO / "experiments" / "configs" / "estimators.py")
-    path.write_text(CONFIG.format(estimators=estimators, extra=FIX if fixed else ""))
+    cases = "config.cases[:2]" if fixed else "config.cases[:2] + config.cases[:1]"
+    path.write_text(CONFIG.format(estimators=estimators, cases=cases))
 
 
 def launch(*args, env=None) -> subprocess.CompletedProcess:
@@ -180,6 +182,18 @@ def test_unknown_sweep_lists_the_known_ones(tmp_path):
     assert "unknown sweep 'nope'; expected one of smoke, compare_training" in result.stderr
 
 
+def test_entry_points_import_together_and_define_no_flags():
+    """Flags belong to the command lines: importing the modules defines none of them."""
+    code = ("from absl import app, flags, logging\n"  # absl's own flags come with these.
+            "before = set(flags.FLAGS)\n"
+            "import experiments.main, launch.collect, launch.sweep\n"
+            "print(sorted(set(flags.FLAGS) - before))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_flag_errors_name_the_flag(tmp_path):
     result = launch("--sweep=estimators_smoke", f"--root={tmp_path}", "--parallel=0")
     assert result.returncode == 2 and "--parallel: expected a positive integer" in result.stderr
@@ -213,7 +227,7 @@ def test_local_sweep_finishes_the_good_runs_and_reports_the_failing_one(flaky_ro
     failed = record(root, FAILING_RUN)
     assert failed["status"] == "failed" and failed["returncode"] != 0
     log = root / FAILING_RUN / "log.txt"
-    assert "no_such_field" in log.read_text()
+    assert "ZeroDivisionError" in log.read_text()
     assert f"failed      {FAILING_RUN}  {log}  (exit code {failed['returncode']})" in (
         result.stdout)
     assert "2 done, 1 failed (3 runs)" in result.stdout
@@ -225,7 +239,7 @@ def test_status_lists_every_run_with_its_log(flaky_root):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "2 done, 1 failed (3 runs)" in lines
-    assert f"  done        seed=0                  {root / 'seed=0' / 'log.txt'}" in lines
+    assert f"  done        {'seed=0':{len(FAILING_RUN)}}  {root / 'seed=0' / 'log.txt'}" in lines
     assert any(line.startswith(f"  failed      {FAILING_RUN}  {root}") for line in lines)
 
 
@@ -238,7 +252,7 @@ def test_rerun_skips_done_and_failed_runs(flaky_root):
     assert {n: record(root, n) for n in before} == before
     dry = launch(f"--sweep={sweep_file}:flaky", f"--root={root}", "--dry_run", "--retry_failed")
     assert dry.returncode == 0 and "would start 1:" in dry.stdout
-    assert "--config.no_such_field=1" in dry.stdout
+    assert "--config.num_draws=1" in dry.stdout
 
 
 def test_failed_run_is_retried_only_with_retry_failed(tmp_path):
@@ -435,7 +449,7 @@ def test_collect_flattens_estimator_rows(flaky_root):
     paths = collect.collect(root)
     header, *rows = paths["csv"].read_text().splitlines()
     assert header.startswith("run,seed,row,experiment,")
-    assert len(rows) == 2 * 4  # 2 runs x (2 cases x 2 estimators)
+    assert len(rows) == 2 * 6  # 2 runs x (3 cases x 2 estimators)
     summary = paths["summary"].read_text()
     assert "2 finished runs (1 not finished). Grouped by `row`" in summary
     assert "The same in every run: experiment = estimators, dim = 1," in summary

@@ -11,76 +11,89 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
-PRESETS = ("quick", "flax", "iwae", "iwae_k5", "iwae_k50", "iwae_quick", "linear")
+PRESETS = {
+    "quick": "a few seconds on `digits` (tests and smoke sweeps)",
+    "flax": "the Flax example: binarized_mnist, 784-500-20 ReLU, batch 128, Adam 1e-3, 10 epochs",
+    "iwae": "Burda et al.'s 1-layer net: 784-200-200-50 tanh, batch 20, their Adam and schedule"
+            " (the k = 1 VAE)",
+    "iwae_k5": "the iwae preset trained with the IWAE k = 5 bound",
+    "iwae_k50": "the iwae preset trained with the IWAE k = 50 bound",
+    "iwae_quick": "IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)",
+    "linear": "a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)",
+}
+
+
+class UnknownPresetError(LookupError):
+    """An argument after a config file's name that is none of the file's presets.
+
+    A LookupError rather than a ValueError: ml_collections rewraps a ValueError raised
+    by `get_config` into one that carries its traceback as text, while this one reaches
+    experiments.main as it was raised, to be printed as one line.
+    """
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    """The default training config, changed by `preset` (one of PRESETS, or None).
-
-    quick   a few seconds on `digits` (tests and smoke sweeps)
-    flax    the Flax example: binarized_mnist, 784-500-20 ReLU, batch 128, Adam 1e-3, 10 epochs
-    iwae    Burda et al.'s 1-layer net: 784-200-200-50 tanh, batch 20, their Adam and schedule
-            (the k = 1 VAE); iwae_k5, iwae_k50 the same net trained with IWAE k = 5 / 50
-    iwae_quick  IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)
-    linear  a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)
-    """
+    """The default training config, changed by `preset` (one of `PRESETS`, or None)."""
+    if preset not in (None, "") and preset not in PRESETS:
+        raise UnknownPresetError(f"train config: unknown preset {preset!r}; expected one of"
+                                 f" {', '.join(PRESETS)} or none.")
     c = ml_collections.ConfigDict()
-    c.experiment = "train"
+    c.experiment = "train"  # What runs: vaekl.train.train_and_evaluate.
     # Data.
-    c.dataset = "digits"
+    c.dataset = "digits"  # The data set, one of vaekl.data.NAMES.
     c.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds's own (TFDS_DATA_DIR).
     c.data_path = ""  # frey_face: the path of frey_rawface.mat.
     c.data_seed = 0  # The fixed binarisation of test splits and embedded splits.
     c.data_options = ml_collections.ConfigDict()  # e.g. linear_gaussian's obs_dim.
     # Model.
-    c.latents = 20
-    c.hidden = (200,)
-    c.activation = "relu"
-    c.kind = "mlp"
+    c.latents = 20  # Latent dimensions.
+    c.hidden = (200,)  # Hidden layer widths of encoder and decoder (mlp).
+    c.activation = "relu"  # A name of vaekl.models.ACTIVATIONS.
+    c.kind = "mlp"  # The network, one of vaekl.models.KINDS.
     c.likelihood = ""  # "" takes the data set's: bernoulli or gaussian.
     c.fixed_log_scale = config_dict.placeholder(float)  # Gaussian decoder: None learns it.
-    c.prior = "standard"
-    c.num_components = 10
+    c.prior = "standard"  # p(z), one of vaekl.models.PRIORS.
+    c.num_components = 10  # Components of the mixture prior.
     c.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
     # Objective.
-    c.objective = "elbo"  # elbo | iwae | renyi | miwae | piwae | ciwae (vaekl.bounds).
-    c.kl = "analytic"  # The ELBO's KL term: analytic | k1 | k3 | stl.
-    c.num_samples = 1  # K: draws averaged (elbo) or inside each bound.
-    c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam | stl | dreg.
-    c.outer_samples = 1  # M of miwae / piwae.
-    c.renyi_alpha = 0.5
-    c.ciwae_beta = 0.5
-    c.beta = 1.0
-    c.kl_warmup_steps = 0
-    c.free_bits = 0.0
+    c.objective = "elbo"  # The training objective: elbo or one of vaekl.bounds.OBJECTIVES.
+    c.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS.
+    c.num_samples = 1  # K: draws of z averaged (elbo) or inside each bound.
+    c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam, stl or dreg.
+    c.outer_samples = 1  # M, the bounds averaged by miwae and piwae.
+    c.renyi_alpha = 0.5  # The Renyi bound's alpha (0: IWAE, 1: the ELBO).
+    c.ciwae_beta = 0.5  # CIWAE's weight of the ELBO against IWAE.
+    c.beta = 1.0  # The weight of the KL term.
+    c.kl_warmup_steps = 0  # Steps over which the KL weight rises linearly to beta.
+    c.free_bits = 0.0  # Per-dimension free bits (kl="analytic", standard prior).
     # Optimisation.
-    c.optimizer = "adam"
-    c.learning_rate = 1e-3
-    c.schedule = "constant"
-    c.warmup_steps = 0
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-8
-    c.weight_decay = 1e-4
-    c.momentum = 0.9
-    c.batch_size = 64
-    c.num_epochs = 30
-    c.seed = 0
-    c.num_seeds = 1
-    c.on_nan = "stop"
+    c.optimizer = "adam"  # One of vaekl.train.OPTIMIZERS.
+    c.learning_rate = 1e-3  # The (peak) learning rate.
+    c.schedule = "constant"  # The learning-rate schedule, one of vaekl.train.SCHEDULES.
+    c.warmup_steps = 0  # Linear warm-up steps of warmup_cosine.
+    c.adam_b1 = 0.9  # Adam's beta1.
+    c.adam_b2 = 0.999  # Adam's beta2.
+    c.adam_eps = 1e-8  # Adam's epsilon.
+    c.weight_decay = 1e-4  # adamw only.
+    c.momentum = 0.9  # sgd only (0: none).
+    c.batch_size = 64  # Training examples per step, over all devices.
+    c.num_epochs = 30  # Passes over the training split.
+    c.seed = 0  # The seed of initialisation, epochs and draws.
+    c.num_seeds = 1  # Seeds seed, seed + 1, ... trained in one program.
+    c.on_nan = "stop"  # A non-finite loss: "stop", or "skip" the step.
     # Evaluation and bookkeeping.
-    c.eval_importance_samples = 5000
-    c.eval_importance_samples_during = 0
-    c.eval_elbo_samples = 1
-    c.eval_batch_size = 100
-    c.eval_chunk_size = 100
-    c.eval_every_epochs = 0
-    c.log_every_steps = 50
-    # A checkpoint every so many epochs (0: off), or once this many seconds have
-    # passed since the last, and always after the last epoch.
-    c.checkpoint_every_epochs = 0
-    c.checkpoint_every_secs = 30.0
-    c.keep_checkpoints = 2
+    c.eval_importance_samples = 5000  # IWAE bound of log p(x) at the end (0: none).
+    c.eval_importance_samples_during = 0  # The same, at every evaluation during training.
+    c.eval_elbo_samples = 1  # Draws of z per test example in the test ELBO.
+    c.eval_batch_size = 100  # Test examples per evaluation batch.
+    c.eval_chunk_size = 100  # Importance samples per device call.
+    c.eval_every_epochs = 0  # A test evaluation every so many epochs (0: at the end only).
+    c.log_every_steps = 50  # Training metrics every so many steps.
+    # A checkpoint every checkpoint_every_epochs epochs, or once checkpoint_every_secs
+    # have passed since the last, and always after the last epoch.
+    c.checkpoint_every_epochs = 0  # Epochs between checkpoints (0: by time only).
+    c.checkpoint_every_secs = 30.0  # Seconds after which an epoch's end checkpoints.
+    c.keep_checkpoints = 2  # Checkpoints kept in the workdir.
 
     if preset == "quick":
         c.num_epochs = 3
@@ -105,9 +118,6 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         c.dataset = "linear_gaussian"
         c.latents, c.hidden = 5, ()
         c.batch_size, c.num_epochs, c.learning_rate, c.schedule = 100, 300, 1e-2, "cosine"
-    elif preset:
-        raise ValueError(f"train config: unknown preset {preset!r}; expected"
-                         f" {', '.join(PRESETS)} or none.")
     return c
 
 

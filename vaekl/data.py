@@ -177,6 +177,7 @@ TFDS_NAMES = tuple(sorted(_TFDS))
 _DIGITS_NUM_TEST = 300
 _FREY_SHAPE = (28, 20, 1)
 _FREY_NUM_TEST = 200
+_RAW_SUFFIXES = (".npz", ".amat", ".gz", ".zip", ".mat")  # Files a --manual_dir holds.
 
 
 def splits(name: str) -> tuple[str, ...]:
@@ -228,7 +229,7 @@ def load(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(
-            f"load({name!r}) got unknown options {unknown}; it takes "
+            f"load({name!r}) got unknown options {unknown} (config.data_options); it takes "
             f"{list(allowed) if allowed else 'none'}"
         )
     if name in _TFDS:
@@ -326,9 +327,20 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
     spec = _TFDS[name]
     version = tfds.builder_cls(name).VERSION
     if not (data_dir / name / str(version) / "dataset_info.json").is_file():
+        raw = sorted(p.name for p in data_dir.glob("*") if p.suffix in _RAW_SUFFIXES)
+        if raw:
+            raise UnpreparedDatasetError(
+                f"data_dir (config.data_dir) {str(data_dir)!r} holds raw files ("
+                f"{', '.join(raw[:3])}), not prepared tfds data: raw files are the "
+                f"--manual_dir of `python -m {PREPARE_MODULE}`; data_dir must be a different "
+                f"folder, the --data_dir it writes the prepared tfds data into. From the "
+                f"repository root:\n"
+                f"  python -m {PREPARE_MODULE} --dataset={name} --manual_dir={data_dir} "
+                f"--data_dir=DATA_DIR\nthen pass data_dir=DATA_DIR (--config.data_dir=DATA_DIR)."
+            )
         raise UnpreparedDatasetError(
-            f"tfds data set {name!r} (version {version}) is not prepared in "
-            f"data_dir {str(data_dir)!r}, and it is never downloaded. Prepare it "
+            f"tfds data set {name!r} (version {version}) is not prepared in data_dir "
+            f"(config.data_dir) {str(data_dir)!r}, and it is never downloaded. Prepare it "
             f"offline (needs tensorflow-cpu), from the repository root:\n"
             f"  {prepare_command(name, data_dir)}\n"
             f"where --manual_dir holds {spec.manual_files}."
@@ -384,13 +396,14 @@ def _load_digits(split: str, seed: int) -> Dataset:
 def _load_frey_face(split: str, path: str | os.PathLike | None, seed: int) -> Dataset:
     if path is None:
         raise FileNotFoundError(
-            "frey_face needs path=<frey_rawface.mat> (in this project: "
-            "../shared/data/frey/frey_rawface.mat from the repository root)"
+            "frey_face needs path= (config.data_path): the path of frey_rawface.mat (in this "
+            "project: ../shared/data/frey/frey_rawface.mat from the repository root)"
         )
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"frey_face: path {str(path)!r} is not a file (want frey_rawface.mat)"
+            f"frey_face: path (config.data_path) {str(path)!r} is not a file; expected the "
+            "path of frey_rawface.mat"
         )
     import scipy.io  # Lazy: only frey_face needs it.
 

@@ -18,17 +18,18 @@ launch/sweeps.py.
 
 from experiments.configs import train
 
-PROTOCOLS = {"full": 3280, "short": 40, "quick": 1}
+from experiments.configs import presets
+
+PROTOCOLS = {"full": 3280, "short": 40, "quick": 1}  # Epochs of each.
+PRESETS = {"full": "Burda's 3,280 epochs", "short": "the first 4 stages, 40 epochs (default)",
+           "quick": "1 epoch on digits (tests)"}
 
 
 def get_config(protocol=None):
-    protocol = protocol or "short"
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"burda config: unknown protocol {protocol!r}; expected one of"
-                         f" {', '.join(PROTOCOLS)}.")
+    protocol = presets.check("burda", protocol, PRESETS) or "short"
     c = train.get_config("iwae")
-    c.num_epochs = PROTOCOLS[protocol]
-    c.checkpoint_every_secs = 60.0
+    c.num_epochs = PROTOCOLS[protocol]  # The protocol's epochs of Burda's schedule.
+    c.checkpoint_every_secs = 60.0  # Seconds after which an epoch's end checkpoints.
     if protocol == "quick":
         c.dataset, c.eval_importance_samples, c.log_every_steps = "digits", 20, 20
     return c

@@ -14,13 +14,15 @@ import ml_collections
 from experiments.configs import presets
 from experiments.configs import train as train_config
 
+PRESETS = presets.QUICK
+
 
 def get_config(arg=None):
-    quick = presets.is_quick("compare_training", arg)
+    quick = presets.check("compare_training", arg, PRESETS) == "quick"
     config = ml_collections.ConfigDict()
-    config.experiment = "compare_training"
-    config.kls = ("analytic", "k1", "k3", "stl")
-    config.num_samples = (1, 5)
+    config.experiment = "compare_training"  # What runs: experiments.compare_training.
+    config.kls = ("analytic", "k1", "k3", "stl")  # KL terms, each of vaekl.elbo.KL_TERMS.
+    config.num_samples = (1, 5)  # Draws of z per example; one run per (kl, num_samples).
     train = train_config.get_config()
     train.dataset = "digits"
     train.num_seeds = 2 if quick else 3
@@ -35,5 +37,5 @@ def get_config(arg=None):
     train.eval_elbo_samples = 10 if quick else 100
     train.log_every_steps = 5 if quick else 23
     train.checkpoint_every_secs = 1e9  # Only the final checkpoint.
-    config.train = train
+    config.train = train  # The training config of every run (train.py's fields).
     return config

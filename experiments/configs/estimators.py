@@ -14,6 +14,8 @@ import ml_collections
 
 from experiments.configs import presets
 
+PRESETS = presets.QUICK
+
 
 def _case(p_mean, p_log_var=0.0, dim=1, num_samples=1, q_mean=0.0, q_log_var=0.0):
     return dict(q_mean=q_mean, q_log_var=q_log_var, p_mean=p_mean, p_log_var=p_log_var,
@@ -21,16 +23,14 @@ def _case(p_mean, p_log_var=0.0, dim=1, num_samples=1, q_mean=0.0, q_log_var=0.0
 
 
 def get_config(arg=None):
-    quick = presets.is_quick("estimators", arg)
+    quick = presets.check("estimators", arg, PRESETS) == "quick"
     config = ml_collections.ConfigDict()
-    config.experiment = "estimators"
-    config.seed = 0
-    config.estimators = ("k1", "k2", "k3")
-    # Independent estimates per case; the Schulman cases get `schulman_draws`.
-    config.num_draws = 20_000 if quick else 1_000_000
-    config.schulman_draws = 200_000 if quick else 10_000_000
-    # Elements (draws x num_samples x dim) per device call.
-    config.chunk_elements = 2_000_000
+    config.experiment = "estimators"  # What runs: experiments.estimators.
+    config.seed = 0  # The PRNG seed of every draw.
+    config.estimators = ("k1", "k2", "k3")  # Sampled estimators, each of vaekl.kl.ESTIMATORS.
+    config.num_draws = 20_000 if quick else 1_000_000  # Independent estimates per case.
+    config.schulman_draws = 200_000 if quick else 10_000_000  # num_draws of Schulman's cases.
+    config.chunk_elements = 2_000_000  # Elements (draws x num_samples x dim) per device call.
     cases = [_case(0.1), _case(1.0)]  # Schulman (2020)
     if not quick:
         cases += [_case(m) for m in (0.3, 2.0, 3.0)]  # distance between q and p
@@ -39,6 +39,6 @@ def get_config(arg=None):
         cases += [_case(1.0, num_samples=n) for n in (10, 100)]  # samples per estimate
     else:
         cases += [_case(0.3, 0.3, dim=10), _case(1.0, num_samples=10)]
-    config.cases = cases
-    config.histogram_draws = 100_000
+    config.cases = cases  # dicts of q_mean, q_log_var, p_mean, p_log_var, dim, num_samples.
+    config.histogram_draws = 100_000  # Estimates kept for the histograms of the plot.
     return config

@@ -14,13 +14,15 @@ import ml_collections
 from experiments.configs import presets
 from experiments.configs import train as train_config
 
+PRESETS = presets.QUICK
+
 
 def get_config(arg=None):
-    quick = presets.is_quick("gradient_variance", arg)
+    quick = presets.check("gradient_variance", arg, PRESETS) == "quick"
     config = ml_collections.ConfigDict()
-    config.experiment = "gradient_variance"
-    config.seed = 0
-    config.estimators = ("analytic", "k1", "k3", "stl")
+    config.experiment = "gradient_variance"  # What runs: experiments.gradient_variance.
+    config.seed = 0  # The PRNG seed of the gradient draws.
+    config.estimators = ("analytic", "k1", "k3", "stl")  # KL terms, of vaekl.elbo.KL_TERMS.
     config.num_samples = 1  # Draws of z per example in each gradient.
     config.num_draws = 250 if quick else 5000  # Independent gradients per row.
     config.chunk = 250  # Gradients per vmapped device call.
@@ -29,13 +31,13 @@ def get_config(arg=None):
     # its checkpoints: init (0 epochs), early and converged.
     train = train_config.get_config()
     train.dataset = "digits"
-    config.train = train
-    config.early_epochs = 1
-    config.converged_epochs = 5 if quick else 300
+    config.train = train  # The VAE's training config (train.py's fields).
+    config.early_epochs = 1  # Epochs of the early checkpoint.
+    config.converged_epochs = 5 if quick else 300  # Epochs of the converged checkpoint.
     # The linear-Gaussian model: W = Q diag(lg_scales), Q with orthonormal columns.
-    config.lg_obs_dim = 20
-    config.lg_scales = (0.5, 1.0, 1.5, 2.0, 3.0)
-    config.lg_noise_std = 0.5
-    config.lg_seed = 0
-    config.lg_float64 = True
+    config.lg_obs_dim = 20  # Observed dimensions d.
+    config.lg_scales = (0.5, 1.0, 1.5, 2.0, 3.0)  # The singular values of W, one per latent.
+    config.lg_noise_std = 0.5  # The observation noise s.
+    config.lg_seed = 0  # The seed of Q.
+    config.lg_float64 = True  # Compute the linear-Gaussian rows in float64.
     return config

@@ -21,22 +21,25 @@ import ml_collections
 from experiments.configs import (compare_training, estimators, gradient_variance,
                                  posterior_gap, presets)
 
+PRESETS = presets.QUICK
+
 
 def get_config(arg=None):
-    quick = presets.is_quick("main", arg)
+    quick = presets.check("main", arg, PRESETS) == "quick"
     config = ml_collections.ConfigDict()
-    config.experiment = "main_job"
-    config.parts = ("estimators", "gradient_variance", "compare_training", "posterior_gap")
+    config.experiment = "main_job"  # What runs: experiments.main_job.
+    config.parts = (  # The parts that run, in order; each has its own config below.
+        "estimators", "gradient_variance", "compare_training", "posterior_gap")
 
     # quick: every part's own quick config (what tests/experiments_test.py runs).
     est = estimators.get_config("quick")
-    config.estimators = est
+    config.estimators = est  # The estimators experiment's config.
 
     grad = gradient_variance.get_config("quick")
     if not quick:
         grad.num_draws = 500
         grad.converged_epochs = 30
-    config.gradient_variance = grad
+    config.gradient_variance = grad  # The gradient_variance experiment's config.
 
     train = compare_training.get_config("quick")
     if not quick:
@@ -44,11 +47,11 @@ def get_config(arg=None):
         train.train.num_epochs = 20
         train.train.eval_every_epochs = 2
         train.train.eval_importance_samples = train.train.eval_importance_samples_during = 100
-    config.compare_training = train
+    config.compare_training = train  # The compare_training experiment's config.
 
     gap = posterior_gap.get_config("quick")
     if not quick:
         gap.train_steps = 2000
         gap.mc_samples, gap.mc_repeats = 200, 10
-    config.posterior_gap = gap
+    config.posterior_gap = gap  # The posterior_gap experiment's config.
     return config

@@ -79,20 +79,19 @@ def field_docs(file) -> dict[str, str]:
                       if isinstance(node, ast.FunctionDef) and node.name == "get_config")
     returned = next(node.value.id for node in ast.walk(get_config)
                     if isinstance(node, ast.Return) and isinstance(node.value, ast.Name))
-    docs = {}
+    docs, base = {}, {}
     for node in ast.walk(get_config):
         target = node.targets[0] if isinstance(node, ast.Assign) else None
         if isinstance(target, ast.Name) and target.id == returned and _config_call(node.value):
             # `c = train.get_config(...)`: the fields it starts from keep that file's lines.
             base = field_docs(Path(__file__).parent / f"{_config_call(node.value)}.py")
-            docs = {**base, **docs}
         if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
                 and target.value.id == returned):
             lines = [comments[i] for i in range(node.lineno, node.end_lineno + 1)
                      if i in comments]
             if lines:
                 docs.setdefault(target.attr, lines[0])
-    return docs
+    return {**base, **docs}
 
 
 def _config_call(node) -> str | None:

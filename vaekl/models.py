@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vaekl.priors import DiagNormal, MixtureOfGaussians
+from vaekl.priors import DiagNormal, MixtureOfGaussians, gaussian_log_prob
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "elu": nn.elu, "gelu": nn.gelu,
                "softplus": nn.softplus, "silu": nn.silu}
@@ -177,8 +177,11 @@ class VAE(nn.Module):
         out = self.decode(z)
         if self.likelihood == "bernoulli":
             return bernoulli_log_prob(out, x)
-        log_scale = self.log_scale if self.fixed_log_scale is None else self.fixed_log_scale
-        return gaussian_log_prob(out, log_scale, x)
+        return gaussian_log_prob(x, out, self.noise_log_scale())
+
+    def noise_log_scale(self):
+        """The Gaussian decoder's log-scale: learned [D], or `fixed_log_scale` (a float)."""
+        return self.log_scale if self.fixed_log_scale is None else self.fixed_log_scale
 
     def get_prior(self):
         """The prior as a `vaekl.priors` pytree."""
@@ -226,10 +229,3 @@ def _softplus_series(x):
 def _softplus_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     return softplus(x), jax.nn.sigmoid(x) * dx
-
-
-def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:
-    """Sum over the last axis of log N(x; mean, exp(log_scale)^2)."""
-    log_scale = jnp.asarray(log_scale, mean.dtype)
-    sq = jnp.square((x - mean) * jnp.exp(-log_scale))
-    return -jnp.sum(0.5 * sq + log_scale + 0.5 * math.log(2 * math.pi), axis=-1)

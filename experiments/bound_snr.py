@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from experiments import gradient_variance, report
+from experiments.moments import Moments
 from vaekl import bounds
 from vaekl.priors import DiagNormal
 
@@ -57,7 +58,7 @@ def _iwae_loss(q_fn, log_lik_fn, prior_fn, k, estimator):
 def _moments(loss, split, params, key, *, num_draws, chunk):
     """Per-parameter moments of the encoder and decoder gradients over `num_draws` keys."""
     grad_fn = gradient_variance.make_grad_fn(loss, split)
-    enc, dec = gradient_variance._Moments(), gradient_variance._Moments()
+    enc, dec = Moments(), Moments()
     for start in range(0, num_draws, chunk):
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
             jnp.arange(start, min(start + chunk, num_draws)))
@@ -69,7 +70,7 @@ def _moments(loss, split, params, key, *, num_draws, chunk):
 
 def snr_figures(m, num_draws: int) -> dict:
     """SNR figures of one network's moments `m` (see the module docstring)."""
-    std = np.sqrt(m.m2 / (m.n - 1))
+    std = np.sqrt(m.variance())
     ok = std > 0
     per_param = np.abs(m.mean[ok]) / std[ok]
     floor = 1.0 / math.sqrt(num_draws)
@@ -168,7 +169,7 @@ def bias_rows(config, key) -> list:
                                  chunk=_chunk(config, k, config.toy_dim * config.toy_num_data))
                 for group, m in (("encoder.A", m_enc["encoder"]), ("encoder.b", m_enc["decoder"]),
                                  ("decoder.mu", m_dec["decoder"])):
-                    se = np.sqrt(m.m2 / (m.n - 1) / m.n)
+                    se = np.sqrt(m.variance() / m.n)
                     # Gradients equal to rounding (the decoder's, and K = 1 where STL is
                     # DReG) have no t: their differences are float64 rounding, ~1e-16.
                     same = bool(np.max(se) * math.sqrt(m.n) < ROUNDING)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
+from experiments.moments import Moments
 from vaekl import kl
 
 COLUMNS = ("estimator", "p_mean", "p_log_var", "dim", "num_samples", "true_kl",
@@ -76,24 +77,17 @@ def _chunk(key, q_mean, q_log_var, p_mean, p_log_var, *, estimator, num_samples,
 def measure(key, case, estimator, num_draws, chunk_elements):
     """Runs one case; returns (mean, std, first chunk of estimates)."""
     per_chunk = max(1, min(num_draws, chunk_elements // (case["num_samples"] * case["dim"])))
-    n, mean, m2, first = 0, 0.0, 0.0, None
+    moments, first = Moments(), None
     for i in range(math.ceil(num_draws / per_chunk)):
-        size = min(per_chunk, num_draws - n)
+        size = min(per_chunk, num_draws - moments.n)
         x = np.asarray(_chunk(
             jax.random.fold_in(key, i), case["q_mean"], case["q_log_var"], case["p_mean"],
             case["p_log_var"], estimator=estimator, num_samples=case["num_samples"],
             num_draws=size, dim=case["dim"]), np.float64)
         if first is None:
             first = x
-        # Chan et al.'s pairwise merge of (count, mean, sum of squared deviations).
-        x_mean = float(x.mean())
-        x_m2 = float(np.sum((x - x_mean) ** 2))
-        delta = x_mean - mean
-        total = n + size
-        mean += delta * size / total
-        m2 += x_m2 + delta**2 * n * size / total
-        n = total
-    return mean, math.sqrt(m2 / (n - 1)), first
+        moments.add(x)
+    return float(moments.mean), math.sqrt(moments.variance()), first
 
 
 def _finite_or_none(x):

@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
+from experiments.moments import Moments
 from vaekl import elbo as elbo_lib
-from vaekl import linear_gaussian
+from vaekl import linear_gaussian, priors
 
 COLUMNS = ("model", "checkpoint", "estimator", "encoder_grad_variance", "decoder_grad_variance",
            "encoder_snr", "decoder_snr", "encoder_grad_mean_norm", "batch_elbo", "num_draws")
@@ -50,34 +51,16 @@ RATIO_COLUMNS = ("model", "checkpoint", "analytic_over_k1", "k3_over_k1", "stl_o
                  "decoder_analytic_over_k1")
 
 
-class _Moments:
-    """Running mean and sum of squared deviations of rows of [n, P] (Chan et al.), float64."""
-
-    def __init__(self):
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, x: np.ndarray):
-        x = np.asarray(x, np.float64)
-        size, x_mean = x.shape[0], x.mean(0)
-        x_m2 = np.sum(np.square(x - x_mean), 0)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = size, x_mean, x_m2
-            return
-        total = self.n + size
-        delta = x_mean - self.mean
-        self.mean = self.mean + delta * size / total
-        self.m2 = self.m2 + x_m2 + np.square(delta) * self.n * size / total
-        self.n = total
-
-    def summary(self, prefix: str) -> dict:
-        var = self.m2 / (self.n - 1)
-        total = float(np.sum(var))
-        mean_norm = float(np.linalg.norm(self.mean))
-        return {f"{prefix}_grad_variance": total / var.size,
-                f"{prefix}_grad_total_variance": total,
-                f"{prefix}_grad_mean_norm": mean_norm,
-                f"{prefix}_snr": mean_norm / math.sqrt(total) if total > 0 else None,
-                f"{prefix}_num_params": int(var.size)}
+def _grad_figures(moments: Moments, prefix: str) -> dict:
+    """Variance, total variance, mean norm and SNR of the gradient draws in `moments`."""
+    var = moments.variance()
+    total = float(np.sum(var))
+    mean_norm = float(np.linalg.norm(moments.mean))
+    return {f"{prefix}_grad_variance": total / var.size,
+            f"{prefix}_grad_total_variance": total,
+            f"{prefix}_grad_mean_norm": mean_norm,
+            f"{prefix}_snr": mean_norm / math.sqrt(total) if total > 0 else None,
+            f"{prefix}_num_params": int(var.size)}
 
 
 def _flat(tree, batch_dims=1):
@@ -108,11 +91,11 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
       chunk: draws per vmapped device call.
 
     Returns:
-      The `_Moments.summary` figures of the encoder and decoder gradients, and
+      The `_grad_figures` of the encoder and decoder gradients, and
       `batch_elbo`: minus the loss, averaged over the draws (the batch-mean ELBO as
       that KL term estimates it).
     """
-    enc, dec, losses = _Moments(), _Moments(), []
+    enc, dec, losses = Moments(), Moments(), []
     for start in range(0, num_draws, chunk):
         idx = jnp.arange(start, min(start + chunk, num_draws))
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
@@ -120,8 +103,8 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
         losses.append(np.asarray(values, np.float64))
         enc.add(g_enc)
         dec.add(g_dec)
-    return {**enc.summary("encoder"), **dec.summary("decoder"), "num_draws": num_draws,
-            "batch_elbo": -float(np.mean(np.concatenate(losses)))}
+    return {**_grad_figures(enc, "encoder"), **_grad_figures(dec, "decoder"),
+            "num_draws": num_draws, "batch_elbo": -float(np.mean(np.concatenate(losses)))}
 
 
 # --- The VAE on digits at its checkpoints. ---
@@ -225,9 +208,7 @@ def _lg_loss(estimator, num_samples, x):
         log_var = x @ enc["log_var_kernel"] + enc["log_var_bias"]
 
         def log_lik(z):
-            resid = (x - z @ dec["kernel"] - dec["bias"]) * jnp.exp(-dec["log_scale"])
-            return -jnp.sum(0.5 * jnp.square(resid) + dec["log_scale"]
-                            + 0.5 * math.log(2 * math.pi), axis=-1)
+            return priors.gaussian_log_prob(x, z @ dec["kernel"] + dec["bias"], dec["log_scale"])
 
         bound = elbo_lib.elbo(key, mean, log_var, log_lik, kl=estimator, num_samples=num_samples)
         return -jnp.mean(bound.elbo)

@@ -29,7 +29,7 @@ import optax
 
 from experiments import report
 from vaekl import elbo as elbo_lib
-from vaekl import kl, linear_gaussian
+from vaekl import kl, linear_gaussian, priors
 
 COLUMNS = ("variant", "param", "mean_log_px", "mean_elbo", "mean_gap", "mean_kl_q_posterior",
            "mean_kl_q_prior", "max_abs_identity_error", "max_abs_identity_error_float32")
@@ -239,14 +239,8 @@ def _summarise(variant, param, t64, t32):
 
 def _log_likelihood_fn(model, x):
     """z [S, N, k] -> log N(x; W z + b, s^2 I) [S, N]: the true decoder."""
-    w, b, s = jnp.asarray(model.w, x.dtype), jnp.asarray(model.b, x.dtype), model.noise_std
-
-    def log_lik(z):
-        resid = (x - z @ w.T - b) / s
-        return -0.5 * jnp.sum(jnp.square(resid), -1) - x.shape[-1] * (
-            jnp.log(s) + 0.5 * jnp.log(2 * jnp.pi))
-
-    return log_lik
+    w, b = jnp.asarray(model.w, x.dtype), jnp.asarray(model.b, x.dtype)
+    return lambda z: priors.gaussian_log_prob(x, z @ w.T + b, jnp.log(model.noise_std))
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))

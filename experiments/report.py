@@ -7,10 +7,13 @@ from vaekl.workdir import prepare_workdir, write_json  # noqa: F401  (re-exporte
 
 
 def fmt(x: Any, digits: int = 4) -> str:
-    """Formats a table cell: floats to `digits` significant digits."""
-    if isinstance(x, float):
-        if math.isnan(x) or math.isinf(x):
-            return str(x)
+    """A table cell: finite floats to `digits` significant digits, None as an empty cell.
+
+    The one cell format: the experiments' results.md and launch.collect's summary.md.
+    """
+    if x is None:
+        return ""
+    if isinstance(x, float) and math.isfinite(x):
         return f"{x:.{digits}g}"
     return str(x)
 

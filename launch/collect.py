@@ -26,6 +26,10 @@ from typing import Any
 
 from absl import app, flags
 
+# The experiments' one cell format and table, so that summary.md reads like their results.md
+# (launch otherwise meets the runs only through command lines and files; this import brings
+# JAX, which a collection made once after the sweep can afford).
+from experiments.report import fmt, markdown_table
 from launch import study
 
 FLAGS = flags.FLAGS
@@ -134,15 +138,6 @@ def group(rows: Sequence[dict], by: Sequence[str]) -> list[tuple[tuple, list[dic
     return sorted(groups.items(), key=lambda kv: [_sort_key(v) for v in kv[0]])
 
 
-def fmt(x: Any) -> str:
-    """A table cell: floats to 4 significant digits, None as empty."""
-    if x is None:
-        return ""
-    if isinstance(x, float) and math.isfinite(x):
-        return f"{x:.4g}"
-    return str(x)
-
-
 def aggregate(values: Sequence[Any]) -> str:
     """One summary cell: the value where all agree, mean ± std of numbers, else `(varies)`."""
     values = [v for v in values if v is not None]
@@ -180,12 +175,12 @@ def summary_markdown(root: Path, groups, by: Sequence[str], result_columns: Sequ
         lines += ["The same in every run: " + ", ".join(f"{c} = {fmt(v)}"
                                                          for c, v in common.items()) + ".", ""]
     columns = [*by, "runs", *(c for c in result_columns if c not in common)]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    table = []
     for key, group_rows in groups:
         cells = [fmt(v) for v in key] + [str(len({r["run"] for r in group_rows}))]
         cells += [aggregate([r.get(c) for r in group_rows]) for c in columns[len(by) + 1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(dict(zip(columns, cells)))
+    return "\n".join(lines) + "\n" + markdown_table(table, columns)
 
 
 def plot(groups, by: Sequence[str], metric: str, path: Path) -> None:

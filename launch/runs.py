@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from launch import sweeps
 
@@ -102,11 +101,13 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Writes `obj` as JSON atomically (a temp file renamed over `path`)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, obj) -> None:
+    # launch.json is a file of the run's workdir like results.json: both are written by
+    # vaekl's one atomic JSON writer. Imported on the first write, not above: `import vaekl`
+    # brings JAX, which --status and --dry_run need not wait for.
+    from vaekl.workdir import write_json
+
+    write_json(path, obj)
 
 
 def read_json(path: Path) -> dict | None:
@@ -175,7 +176,7 @@ def start(run: Run, *, executor: str = "local", cluster: str | None = None,
         proc = subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     record["pid"] = proc.pid
-    write_json(run.record_path, record)
+    _write_json(run.record_path, record)
     return proc
 
 
@@ -196,7 +197,7 @@ def finish(run: Run, proc: subprocess.Popen) -> str:
                   error=error)
     with open(run.log, "a") as log:
         log.write(f"=== {record['status']} at {record['end_time']}: {error or 'exit code 0'}\n")
-    write_json(run.record_path, record)
+    _write_json(run.record_path, record)
     return record["status"]
 
 
@@ -205,7 +206,7 @@ def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
     record = read_record(run)
     record.update(status=INTERRUPTED, returncode=proc.returncode, end_time=now(),
                   error="stopped by the launcher")
-    write_json(run.record_path, record)
+    _write_json(run.record_path, record)
     with open(run.log, "a") as log:
         log.write(f"=== interrupted at {record['end_time']}: stopped by the launcher\n")
 
@@ -221,15 +222,15 @@ def mark_submitted(run: Run) -> None:
     """Records that `run` is being submitted to Slurm (before its job exists)."""
     run.path.mkdir(parents=True, exist_ok=True)
     run.submission_path.unlink(missing_ok=True)
-    write_json(run.record_path, _base_record(run, "submitted", submit_time=now(), host=HOST,
-                                             executor="slurm"))
+    _write_json(run.record_path, _base_record(run, "submitted", submit_time=now(), host=HOST,
+                                              executor="slurm"))
 
 
 def mark_submission_failed(run: Run, message: str) -> None:
     """Records that submitting `run` failed (it was not queued; a rerun submits it again)."""
     record = read_record(run)
     record.update(status=INTERRUPTED, error=f"submission failed: {message}")
-    write_json(run.record_path, record)
+    _write_json(run.record_path, record)
 
 
 def record_submission(run: Run, *, cluster: str, job_id: str, folder: str) -> None:
@@ -238,8 +239,8 @@ def record_submission(run: Run, *, cluster: str, job_id: str, folder: str) -> No
     On submitit's local cluster the job id is the pid of the job's controller process,
     whose command line names submitit's `folder`.
     """
-    write_json(run.submission_path, {"cluster": cluster, "job_id": job_id, "folder": folder,
-                                     "host": HOST, "submit_time": now()})
+    _write_json(run.submission_path, {"cluster": cluster, "job_id": job_id, "folder": folder,
+                                      "host": HOST, "submit_time": now()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""Data sets by name, held in memory as float32 arrays, and deterministic epochs.
+"""Data sets by name, held in memory as float32 arrays.
 
 `load(name, split)` returns a `Dataset`: the examples as one float32 array
 `x` of shape [N, D] plus what a model needs to know (`likelihood`, `shape`,
-`dim`). `epoch_batches(dataset, batch_size, seed=..., epoch=...)` returns a
-whole epoch as one [num_batches, batch_size, D] array, so training can send it
-to the device in one transfer and `lax.scan` over it. Everything random is a
-pure function of integer seeds, so a resumed run sees the same batches.
+`dim`, whether training binarises it). Training (`vaekl.train`) sends `x` to
+the device once and draws each epoch's order and each step's binarisation
+there. What is random here (the splits of embedded data, the one-off
+binarisation of evaluation splits) is a pure function of integer seeds.
 
 Data sets (`NAMES`):
 
@@ -28,13 +28,13 @@ Data sets (`NAMES`):
   of 28x20 / 255, the last 200 of a seeded permutation as test; Gaussian.
 
 Dynamic binarisation (the IWAE protocol): the training split of a grey-level
-data set keeps its intensities in `x`, and every epoch draws each pixel anew as
-Bernoulli(intensity), from (seed, epoch). Its other splits are binarised once
+data set keeps its intensities in `x` (`dynamic_binarization` is set), and
+each train step draws its batch's pixels anew as Bernoulli(intensity) from the
+step's key (`vaekl.train.make_epoch_fn`). Its other splits are binarised once
 at load time from `load`'s `seed`, so evaluation always sees the same bits.
 """
 
 import dataclasses
-import operator
 import os
 import zlib
 from collections.abc import Callable
@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vaekl import linear_gaussian
+from vaekl import linear_gaussian, validate
 
 BERNOULLI = "bernoulli"
 GAUSSIAN = "gaussian"
@@ -65,8 +65,8 @@ class Dataset:
         dynamically binarised split, the pixel intensities.
       likelihood: `BERNOULLI` or `GAUSSIAN`, the decoder the data calls for.
       shape: the shape of one example, e.g. (28, 28, 1); its product is D.
-      dynamic_binarization: whether each epoch binarises `x` anew (see
-        `epoch_examples`).
+      dynamic_binarization: whether training binarises `x` anew at every step
+        (in `vaekl.train`).
       labels: int64 [N] class labels, or None where the data set has none.
       model: the generating `LinearGaussian` for `linear_gaussian`, else None.
     """
@@ -162,15 +162,9 @@ _TFDS = {
     ),
 }
 _EMBEDDED_SPLITS = ("train", "test")
-_OPTIONS = {
-    "linear_gaussian": (
-        "obs_dim",
-        "latent_dim",
-        "noise_std",
-        "model_seed",
-        "num_train",
-        "num_test",
-    ),
+_OPTIONS = {  # The keyword options of `load`, by data set.
+    "linear_gaussian": ("obs_dim", "latent_dim", "noise_std", "model_seed", "num_train",
+                        "num_test"),
 }
 NAMES = tuple(sorted([*_TFDS, "digits", "frey_face", "linear_gaussian"]))
 TFDS_NAMES = tuple(sorted(_TFDS))
@@ -182,7 +176,7 @@ _RAW_SUFFIXES = (".npz", ".amat", ".gz", ".zip", ".mat")  # Files a --manual_dir
 
 def splits(name: str) -> tuple[str, ...]:
     """The split names of data set `name` (one of `NAMES`)."""
-    _check_choice("name", name, NAMES)
+    validate.choice("vaekl.data.splits", "name", name, NAMES)
     return _TFDS[name].splits if name in _TFDS else _EMBEDDED_SPLITS
 
 
@@ -208,7 +202,7 @@ def load(
       seed: seed (>= 0) of the data set's own fixed randomness: the one-off
         binarisation of evaluation splits, the digits and frey_face train/test
         splits, the linear_gaussian draws. Keep it fixed to compare runs; the
-        training randomness is `epoch_batches`'s seed.
+        training randomness is `config.seed`'s (`vaekl.train`).
       **options: for `linear_gaussian` only: obs_dim (20), latent_dim (5),
         noise_std (0.5), model_seed (0, the seed of W and b), num_train (5000),
         num_test (1000).
@@ -218,13 +212,13 @@ def load(
 
     Raises:
       ValueError: unknown name or split, or a negative seed.
-      TypeError: an option the data set does not take.
+      TypeError: an option the data set does not take, or a seed that is not an int.
       UnpreparedDatasetError: a tfds data set not prepared in data_dir.
       FileNotFoundError: frey_face without an existing `path`.
     """
-    _check_choice("name", name, NAMES)
-    _check_choice(f"split (of {name!r})", split, splits(name))
-    seed = _check_nonnegative("seed", seed)
+    validate.choice("vaekl.data.load", "name", name, NAMES)
+    validate.choice(f"vaekl.data.load({name!r})", "split", split, splits(name))
+    seed = validate.nonnegative_int("vaekl.data.load", "seed", seed)
     allowed = _OPTIONS.get(name, ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -241,70 +235,6 @@ def load(
     return _load_linear_gaussian(split, seed, **options)
 
 
-def num_batches(dataset: Dataset, batch_size: int) -> int:
-    """Number of full batches in one epoch (the remainder is dropped).
-
-    Raises:
-      ValueError: if batch_size is not in [1, len(dataset)].
-    """
-    batch_size = _check_nonnegative("batch_size", batch_size)
-    if not 1 <= batch_size <= len(dataset):
-        raise ValueError(
-            f"batch_size must be in [1, {len(dataset)}] (the size of "
-            f"{dataset.name}/{dataset.split}), got {batch_size}"
-        )
-    return len(dataset) // batch_size
-
-
-def epoch_examples(dataset: Dataset, *, seed: int, epoch: int) -> np.ndarray:
-    """The examples as the model sees them in `epoch`, in data set order.
-
-    A dynamically binarised split gets a fresh Bernoulli(x) draw that is a pure
-    function of (seed, epoch); any other split is returned as is.
-
-    Args:
-      dataset: the split.
-      seed: training seed, >= 0.
-      epoch: epoch number, >= 0.
-
-    Returns:
-      float32 [N, D].
-    """
-    return _epoch_values(dataset, seed, epoch).astype(np.float32, copy=False)
-
-
-def epoch_batches(dataset: Dataset, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
-    """One epoch of shuffled, fixed-size batches, as a single array.
-
-    The examples are `epoch_examples(dataset, seed=seed, epoch=epoch)` in an
-    order drawn from (seed, epoch); the last len(dataset) % batch_size of that
-    order are dropped.
-
-    Args:
-      dataset: the split.
-      batch_size: examples per batch, in [1, len(dataset)].
-      seed: training seed, >= 0.
-      epoch: epoch number, >= 0.
-
-    Returns:
-      float32 [num_batches(dataset, batch_size), batch_size, D].
-    """
-    count = num_batches(dataset, batch_size)
-    values = _epoch_values(dataset, seed, epoch)
-    order = _rng(seed, "shuffle", epoch).permutation(len(dataset))[: count * batch_size]
-    # Gathering before the float32 cast moves 4x fewer bytes for binarised data.
-    return values[order].astype(np.float32, copy=False).reshape(count, batch_size, dataset.dim)
-
-
-def _epoch_values(dataset: Dataset, seed: int, epoch: int) -> np.ndarray:
-    """`epoch_examples` before its float32 cast: bool [N, D] if binarised, else x."""
-    seed = _check_nonnegative("seed", seed)
-    epoch = _check_nonnegative("epoch", epoch)
-    if not dataset.dynamic_binarization:
-        return dataset.x
-    return _bernoulli_bits(dataset.x, _rng(seed, "binarize", epoch))
-
-
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """The tfds data folder: data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     if data_dir is None:
@@ -314,7 +244,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 
 def prepare_command(name: str, data_dir: str | os.PathLike | None = None) -> str:
     """The shell command (run from the repository root) that prepares tfds data set `name`."""
-    _check_choice("name", name, TFDS_NAMES)
+    validate.choice("vaekl.data.prepare_command", "name", name, TFDS_NAMES)
     return (
         f"python -m {PREPARE_MODULE} --dataset={name} "
         f"--manual_dir={_TFDS[name].manual_dir} --data_dir={resolve_data_dir(data_dir)}"
@@ -425,12 +355,11 @@ def _load_linear_gaussian(
     num_train: int = 5000,
     num_test: int = 1000,
 ) -> Dataset:
-    model = linear_gaussian.make_model(
-        obs_dim, latent_dim, noise_std, _check_nonnegative("model_seed", model_seed)
-    )
+    fn_name = "vaekl.data.load('linear_gaussian')"
+    model_seed = validate.nonnegative_int(fn_name, "model_seed", model_seed)
+    model = linear_gaussian.make_model(obs_dim, latent_dim, noise_std, model_seed)
     num = num_test if split == "test" else num_train
-    if _check_nonnegative(f"num_{split}", num) < 1:
-        raise ValueError(f"num_{split} must be >= 1, got {num}")
+    validate.positive_int(fn_name, f"num_{split}", num)
     x, _ = linear_gaussian.sample(model, num, _rng(seed, "linear_gaussian", split))
     return Dataset(
         name="linear_gaussian",
@@ -451,10 +380,12 @@ def _binarized_dataset(
     grey: bool,
     seed: int,
 ) -> Dataset:
-    """A Bernoulli data set; grey levels are binarised per epoch (train) or once (others)."""
+    """A Bernoulli data set; grey levels are binarised in training (train), else here once."""
     dynamic = grey and split == "train"
     if grey and not dynamic:
-        x = _bernoulli_bits(x, _rng(seed, "binarize", name, split)).astype(np.float32)
+        # One Bernoulli(x) draw per pixel.
+        uniform = _rng(seed, "binarize", name, split).random(x.shape, dtype=np.float32)
+        x = (uniform < x).astype(np.float32)
     return Dataset(
         name=name,
         split=split,
@@ -466,30 +397,8 @@ def _binarized_dataset(
     )
 
 
-def _bernoulli_bits(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One Bernoulli(probs) draw per entry, as a bool array of probs' shape."""
-    return rng.random(probs.shape, dtype=np.float32) < probs
-
-
 def _rng(seed: int, *keys: int | str) -> np.random.Generator:
     """A generator that is a pure function of seed and keys (ints >= 0 or strings)."""
     words = [zlib.crc32(key.encode()) if isinstance(key, str) else key for key in keys]
     return np.random.default_rng([seed, *words])
 
-
-def _check_choice(arg: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{arg} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_nonnegative(arg: str, value: int) -> int:
-    """value as an int >= 0, or a ValueError/TypeError naming arg."""
-    if isinstance(value, bool):
-        raise TypeError(f"{arg} must be an int >= 0, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{arg} must be an int >= 0, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"{arg} must be an int >= 0, got {value}")
-    return value

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import elbo, kl, models
+from vaekl import elbo, kl, linear_gaussian, models
 from vaekl.priors import DiagNormal
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
@@ -25,26 +25,28 @@ def _per_dim_kl(mean, log_var, prior):
     return kl.analytic_per_dim(mean, log_var, prior=prior)
 
 
-def linear_gaussian_log_marginal(model: models.VAE, params, x: jax.Array) -> jax.Array:
-    """Exact log p_theta(x) [N] of a linear Gaussian decoder under a Gaussian prior.
+def decoder_model(model: models.VAE, params) -> linear_gaussian.LinearGaussian:
+    """The `LinearGaussian` that a linear Gaussian decoder and its Gaussian prior make.
 
-    With a linear decoder x = z W + b + noise, noise ~ N(0, diag e^(2 log_scale)),
-    and z ~ N(m, diag e^v): x ~ N(m W + b, W^T diag(e^v) W + diag e^(2 log_scale)).
+    The decoder x = z W + b + noise, noise ~ N(0, diag e^(2 log_scale)), under the
+    prior z ~ N(m, diag e^v) is, with z = m + e^(v/2) u and u ~ N(0, I), the model
+    of `vaekl.linear_gaussian` with loadings (e^(v/2) W)^T and offset m W + b. The
+    decoder's W and b are its Jacobian and its value at z = 0 (exact for an affine
+    map), so no parameter is looked up by name. Only for `has_exact_marginal` models.
     """
-    p = params["params"]
-    dec = p["dec_net"]["out"]
-    w, b = dec["kernel"], dec["bias"]
+    decode = functools.partial(model.apply, params, method=models.VAE.decode)
+    zero = jnp.zeros((model.latents,), jnp.float32)
+    w, b = jax.jacfwd(decode)(zero), decode(zero)  # [D, latents], [D]
     prior = model.apply(params, method=models.VAE.get_prior)
-    log_var = jnp.broadcast_to(jnp.asarray(prior.log_var, w.dtype), (w.shape[0],))
-    log_scale = p["log_scale"] if model.fixed_log_scale is None else jnp.full(
-        (w.shape[1],), model.fixed_log_scale, w.dtype)
-    cov = (w.T * jnp.exp(log_var)) @ w + jnp.diag(jnp.exp(2 * log_scale))
-    mean = jnp.broadcast_to(jnp.asarray(prior.mean, w.dtype), (w.shape[0],)) @ w + b
-    return jax.scipy.stats.multivariate_normal.logpdf(x, mean, cov)
+    mean = jnp.broadcast_to(jnp.asarray(prior.mean, w.dtype), zero.shape)
+    log_var = jnp.broadcast_to(jnp.asarray(prior.log_var, w.dtype), zero.shape)
+    log_scale = model.apply(params, method=models.VAE.noise_log_scale)
+    return linear_gaussian.LinearGaussian(w=w * jnp.exp(0.5 * log_var), b=w @ mean + b,
+                                          noise_std=jnp.exp(jnp.asarray(log_scale, w.dtype)))
 
 
 def has_exact_marginal(model: models.VAE) -> bool:
-    """Whether `linear_gaussian_log_marginal` applies: linear Gaussian decoder, Gaussian prior."""
+    """Whether `decoder_model` applies: a linear Gaussian decoder and a Gaussian prior."""
     return (model.kind == "mlp" and not tuple(model.hidden) and model.likelihood == "gaussian"
             and model.prior in ("standard", "learned"))
 
@@ -62,8 +64,6 @@ class Evaluator:
         self._n = len(test_data)
         self._exact = None
         if test_data.model is not None:
-            from vaekl import linear_gaussian
-
             self._exact = float(np.mean(linear_gaussian.log_marginal(test_data.model,
                                                                      test_data.x)))
         self._shape = tuple(test_data.shape)
@@ -86,7 +86,8 @@ class Evaluator:
             out = {"elbo": bound.elbo, "rate": bound.rate, "distortion": bound.distortion,
                    "mean": mean, "per_dim_kl": _per_dim_kl(mean, log_var, prior)}
             if has_exact_marginal(model):
-                out["model_log_likelihood"] = linear_gaussian_log_marginal(model, params, x)
+                out["model_log_likelihood"] = linear_gaussian.log_marginal(
+                    decoder_model(model, params), x)
             if importance_samples:
                 out["log_likelihood"] = elbo.iwae(
                     k_iwae, mean, log_var, log_lik, prior, num_samples=importance_samples,

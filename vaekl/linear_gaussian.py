@@ -1,15 +1,17 @@
 """A linear-Gaussian latent variable model with exact likelihood and posterior.
 
-The model is probabilistic PCA / factor analysis with isotropic noise:
+The model is probabilistic PCA (isotropic noise) or factor analysis (noise per dimension):
 
-    p(z) = N(0, I_k),    p(x | z) = N(W z + b, s^2 I_d).
+    p(z) = N(0, I_k),    p(x | z) = N(W z + b, S),    S = s^2 I_d or diag(s_1^2, ..., s_d^2).
 
-Its marginal is x ~ N(b, W W^T + s^2 I_d) and its posterior is
+Its marginal is x ~ N(b, W W^T + S) and its posterior is
 
-    p(z | x) = N(M^-1 W^T (x - b) / s^2, M^-1),    M = I_k + W^T W / s^2,
+    p(z | x) = N(M^-1 W^T S^-1 (x - b), M^-1),    M = I_k + W^T S^-1 W,
 
 so a VAE trained on data drawn from it can be compared against the exact
-log-likelihood, the exact posterior and hence the exact KL terms.
+log-likelihood, the exact posterior and hence the exact KL terms. A VAE with a
+linear Gaussian decoder and a Gaussian prior is such a model too
+(`vaekl.evaluate.decoder_model`), with per-dimension noise.
 
 `make_model` and `sample` use NumPy (data generation, host side); the exact
 densities are pure `jax.numpy` functions that accept NumPy or JAX arrays and
@@ -24,17 +26,18 @@ import numpy as np
 
 
 class LinearGaussian(NamedTuple):
-    """Parameters of p(z) = N(0, I_k), p(x | z) = N(W z + b, s^2 I_d).
+    """Parameters of p(z) = N(0, I_k), p(x | z) = N(W z + b, diag(s^2)).
 
     Attributes:
       w: loading matrix W, [d, k].
       b: observation offset b, [d].
-      noise_std: observation noise standard deviation s > 0 (a float).
+      noise_std: observation noise standard deviation s > 0: a float, or [d]
+        (one per dimension of x).
     """
 
     w: np.ndarray
     b: np.ndarray
-    noise_std: float
+    noise_std: float | np.ndarray
 
     @property
     def obs_dim(self) -> int:
@@ -111,14 +114,20 @@ def sample(
     return x, z
 
 
+def noise_var(model: LinearGaussian) -> jnp.ndarray:
+    """The observation noise variances s^2, [d]."""
+    s = jnp.asarray(model.noise_std, jnp.asarray(model.w).dtype)
+    return jnp.broadcast_to(jnp.square(s), (model.obs_dim,))
+
+
 def marginal_cov(model: LinearGaussian) -> jnp.ndarray:
-    """Covariance of the marginal p(x): W W^T + s^2 I, [d, d]."""
+    """Covariance of the marginal p(x): W W^T + diag(s^2), [d, d]."""
     w = jnp.asarray(model.w)
-    return w @ w.T + model.noise_std**2 * jnp.eye(model.obs_dim, dtype=w.dtype)
+    return w @ w.T + jnp.diag(noise_var(model))
 
 
 def log_marginal(model: LinearGaussian, x: jnp.ndarray) -> jnp.ndarray:
-    """Exact log p(x) under x ~ N(b, W W^T + s^2 I).
+    """Exact log p(x) under x ~ N(b, W W^T + diag(s^2)).
 
     Args:
       model: the model.
@@ -139,7 +148,7 @@ def log_marginal(model: LinearGaussian, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def posterior(model: LinearGaussian, x: jnp.ndarray) -> GaussianPosterior:
-    """Exact posterior p(z | x) = N(M^-1 W^T (x - b) / s^2, M^-1).
+    """Exact posterior p(z | x) = N(M^-1 W^T S^-1 (x - b), M^-1), S = diag(s^2).
 
     Args:
       model: the model.
@@ -149,12 +158,12 @@ def posterior(model: LinearGaussian, x: jnp.ndarray) -> GaussianPosterior:
       The posterior: mean [..., k], cov and scale_tril [k, k].
     """
     w = jnp.asarray(model.w)
-    var = model.noise_std**2
-    precision = jnp.eye(model.latent_dim, dtype=w.dtype) + w.T @ w / var  # M
+    w_over_var = w / noise_var(model)[:, None]  # S^-1 W, [d, k].
+    precision = jnp.eye(model.latent_dim, dtype=w.dtype) + w.T @ w_over_var  # M
     precision_chol = jnp.linalg.cholesky(precision)
     cov = jax.scipy.linalg.cho_solve(
         (precision_chol, True), jnp.eye(model.latent_dim, dtype=w.dtype)
     )
     centred = jnp.asarray(x) - jnp.asarray(model.b)
-    mean = centred @ w @ cov / var  # cov is symmetric: (M^-1 W^T r)^T = r^T W M^-1.
+    mean = centred @ w_over_var @ cov  # cov is symmetric: (M^-1 W^T S^-1 r)^T = r^T S^-1 W M^-1.
     return GaussianPosterior(mean=mean, cov=cov, scale_tril=jnp.linalg.cholesky(cov))

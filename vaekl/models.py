@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vaekl.priors import DiagNormal, MixtureOfGaussians
+from vaekl.priors import DiagNormal, MixtureOfGaussians, gaussian_log_prob
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "elu": nn.elu, "gelu": nn.gelu,
                "softplus": nn.softplus, "silu": nn.silu}
@@ -177,8 +177,11 @@ class VAE(nn.Module):
         out = self.decode(z)
         if self.likelihood == "bernoulli":
             return bernoulli_log_prob(out, x)
-        log_scale = self.log_scale if self.fixed_log_scale is None else self.fixed_log_scale
-        return gaussian_log_prob(out, log_scale, x)
+        return gaussian_log_prob(x, out, self.noise_log_scale())
+
+    def noise_log_scale(self):
+        """The Gaussian decoder's log-scale: learned [D], or `fixed_log_scale` (a float)."""
+        return self.log_scale if self.fixed_log_scale is None else self.fixed_log_scale
 
     def get_prior(self):
         """The prior as a `vaekl.priors` pytree."""
@@ -201,10 +204,3 @@ def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     logits is x - sigmoid(logits).
     """
     return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
-
-
-def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:
-    """Sum over the last axis of log N(x; mean, exp(log_scale)^2)."""
-    log_scale = jnp.asarray(log_scale, mean.dtype)
-    sq = jnp.square((x - mean) * jnp.exp(-log_scale))
-    return -jnp.sum(0.5 * sq + log_scale + 0.5 * math.log(2 * math.pi), axis=-1)

@@ -26,8 +26,9 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, workdir as workdir_lib
+from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, validate
 from vaekl import config as config_lib
+from vaekl import workdir as workdir_lib
 
 OBJECTIVES = ("elbo",) + bounds.OBJECTIVES
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -239,29 +240,18 @@ def _seed_after_seed(epoch_fn):
 
 
 def _check_config(config, num_devices: int):
-    def choice(field, allowed):
-        if config[field] not in allowed:
-            raise ValueError(f"config.{field}: unknown value {config[field]!r}; expected one of"
-                             f" {tuple(allowed)}.")
-
-    choice("kl", elbo.KL_TERMS)
-    choice("objective", OBJECTIVES)
-    choice("grad_estimator", bounds.GRAD_ESTIMATORS)
-    choice("optimizer", OPTIMIZERS)
-    choice("schedule", SCHEDULES)
-    choice("on_nan", ON_NAN)
-    choice("prior", models.PRIORS)
-    choice("kind", models.KINDS)
-    choice("activation", tuple(models.ACTIVATIONS))
-    choice("init", models.INITS)
+    for field, allowed in (("kl", elbo.KL_TERMS), ("objective", OBJECTIVES),
+                           ("grad_estimator", bounds.GRAD_ESTIMATORS), ("optimizer", OPTIMIZERS),
+                           ("schedule", SCHEDULES), ("on_nan", ON_NAN), ("prior", models.PRIORS),
+                           ("kind", models.KINDS), ("activation", models.ACTIVATIONS),
+                           ("init", models.INITS)):
+        validate.config_choice(config, field, allowed)
     if config.get("likelihood"):
-        choice("likelihood", models.LIKELIHOODS)
+        validate.config_choice(config, "likelihood", models.LIKELIHOODS)
     for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples"):
-        if not isinstance(config[field], int) or config[field] < 1:
-            raise ValueError(f"config.{field}: expected an int >= 1, got {config[field]!r}.")
+        validate.config_int(config, field, minimum=1)
     for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps"):
-        if not isinstance(config[field], int) or config[field] < 0:
-            raise ValueError(f"config.{field}: expected an int >= 0, got {config[field]!r}.")
+        validate.config_int(config, field, minimum=0)
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")
     if config.beta < 0 or config.free_bits < 0:

@@ -1,4 +1,7 @@
-"""Input checks shared by the public functions: dtypes, shapes, names, finiteness.
+"""Input checks shared by the public functions and the config: dtypes, shapes, names, counts.
+
+Every message names what it checks: a function's argument ("vaekl.kl.sampled:
+`num_samples` must be >= 1") or a config field ("config.kl: unknown value").
 
 Shape and dtype checks run at trace time (they only read static information), so
 they cost nothing inside `jax.jit`. Finiteness is a value check: it is recorded
@@ -71,10 +74,25 @@ def event_shape(fn_name: str, arrays: dict, *, min_ndim: Sequence[str] = ()) -> 
 
 def positive_int(fn_name: str, name: str, value) -> int:
     """Checks a static count such as `num_samples` (an int >= 1)."""
+    return _int_at_least(f"{fn_name}: `{name}`", value, 1)
+
+
+def nonnegative_int(fn_name: str, name: str, value) -> int:
+    """Checks a seed or an index (an int >= 0)."""
+    return _int_at_least(f"{fn_name}: `{name}`", value, 0)
+
+
+def config_int(config, field: str, *, minimum: int) -> int:
+    """Checks that `config.<field>` is an int >= minimum."""
+    return _int_at_least(f"config.{field}", config[field], minimum)
+
+
+def _int_at_least(subject: str, value, minimum: int) -> int:
+    """value as a Python int; a TypeError (not an int) or ValueError (< minimum) names subject."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn_name}: `{name}` must be an int >= 1, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{fn_name}: `{name}` must be >= 1, got {value}.")
+        raise TypeError(f"{subject} must be an int >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{subject} must be >= {minimum}, got {value}.")
     return int(value)
 
 
@@ -93,9 +111,18 @@ def prng_key(fn_name: str, key) -> None:
 
 def choice(fn_name: str, name: str, value, allowed: Iterable[str]) -> str:
     """Checks that `value` is one of `allowed`."""
+    return _one_of(f"{fn_name}: unknown {name}", value, allowed)
+
+
+def config_choice(config, field: str, allowed: Iterable[str]) -> str:
+    """Checks that `config.<field>` is one of `allowed`."""
+    return _one_of(f"config.{field}: unknown value", config[field], allowed)
+
+
+def _one_of(subject: str, value, allowed: Iterable[str]) -> str:
     allowed = tuple(allowed)
     if value not in allowed:
-        raise ValueError(f"{fn_name}: unknown {name} {value!r}; expected one of {allowed}.")
+        raise ValueError(f"{subject} {value!r}; expected one of {allowed}.")
     return value
 
 

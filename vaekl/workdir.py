@@ -45,9 +45,19 @@ def prepare_workdir(workdir: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Writes `obj` as JSON atomically (a temp file renamed over `path`)."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    """Writes `obj` as JSON atomically; NumPy and JAX arrays become lists.
+
+    The one JSON writer: training and the experiments write their results with it,
+    and launch/runs.py its run records (launch.json), which the launcher and the
+    run may write at the same time, hence a temporary file per process.
+    """
+    _write_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to a temporary file of this process, then renames it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -122,9 +132,7 @@ class MetricsLog:
                         kept.append(ln)
                 except (json.JSONDecodeError, KeyError):
                     break  # A line cut short by a kill: drop it and what follows.
-            tmp = Path(f"{path}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
+            _write_atomic(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, step: int, split: str, scalars: dict) -> None:
         line = json.dumps({"step": int(step), "split": split, "time": time.time(), **scalars},

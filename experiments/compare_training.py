@@ -10,6 +10,12 @@ Fields of each row (means and standard deviations over seeds, ddof 0):
   test_elbo_mean/std            test ELBO, analytic KL, `eval_elbo_samples` draws (nats/example)
   test_log_likelihood_mean/std  the IWAE bound with `eval_importance_samples` draws
   train_wall_s                  seconds in the training epochs (all seeds together)
+and `FIELD_mean_se`, the standard error of each seed mean: the sample std (ddof 1)
+over sqrt(num_seeds), empty for one seed. It counts every source of noise that
+differs between seeds (initialisation, data order, the draws of training and of
+evaluation) on the one fixed test set; the evaluation's own Monte Carlo error is
+part of it, not reported apart (`vaekl.evaluate` keeps only each seed's test-set
+mean, not the per-example values an example-level SE would need).
 """
 
 import json
@@ -18,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import report
+from experiments.moments import Moments
 
 COLUMNS = ("kl", "num_samples", "test_elbo_mean", "test_elbo_std", "test_log_likelihood_mean",
            "test_log_likelihood_std", "test_rate_mean", "active_units_mean", "train_wall_s",
@@ -88,6 +95,8 @@ def run(config, workdir: str) -> dict:
                 if field in results:
                     values = np.asarray(_seeds(results, field), np.float64)
                     row[f"{field}_mean"] = float(values.mean())
+                    row[f"{field}_mean_se"] = (float(Moments.of(values).mean_se())
+                                               if values.size > 1 else None)
                     row[f"{field}_std"] = float(values.std())
                     row[f"{field}_seeds"] = values.tolist()
             rows.append(row)
@@ -113,7 +122,8 @@ def _markdown(results, config) -> str:
         f" {cfg.num_seeds} seeds (seed {cfg.seed}, ...). `kl` is the KL term trained with and"
         " `num_samples` the draws of z per example; evaluation is the same for every run: test"
         f" ELBO with the analytic KL, and the IWAE bound with {cfg.eval_importance_samples}"
-        " samples as `test_log_likelihood` (nats per example; mean and std over seeds)."
+        " samples as `test_log_likelihood` (nats per example; `*_mean` is the mean over seeds"
+        " ± its standard error, std/sqrt(seeds) with ddof 1, and `*_std` the seeds' std)."
         " `train_wall_s` is the time in training epochs, all seeds together.\n\n"
         + report.markdown_table(results["rows"], COLUMNS))
 
@@ -130,6 +140,20 @@ def _smooth(values: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def y_range(curves: list, quantile: float = 0.05) -> tuple:
+    """(bottom, top, note) of an axis that shows `curves` [(x [T], y [T]), ...] from their
+    `quantile` (over every point) to their maximum, with a margin. The note names what lies
+    below the axis (the first epochs' plunge): the lowest value and the last x it reaches."""
+    ys = np.concatenate([y for _, y in curves])
+    low, top = np.quantile(ys, quantile), ys.max()
+    margin = 0.08 * (top - low) or 1.0
+    bottom, top = low - margin, top + margin / 2
+    below = [x[y < bottom] for x, y in curves if np.any(y < bottom)]
+    note = (f"below the axis: values down to {ys.min():.4g}, until epoch"
+            f" {max(b.max() for b in below):.2g}" if below else "")
+    return bottom, top, note
+
+
 def _plot(curves, results, path: Path):
     plt = report.pyplot()
 
@@ -139,7 +163,7 @@ def _plot(curves, results, path: Path):
     ns = sorted({n for _, n in curves})
     steps_per_epoch = results["steps_per_epoch"] or 1
     fig, axes = plt.subplots(1, 2, figsize=(15, 5))
-    lows = {"train": [], "eval": []}
+    shown = {"train": [], "eval": []}
     for (kl, n), c in curves.items():
         label = f"{kl}, n={n}"
         style = {"color": colours[kl], "ls": styles[ns.index(n) % len(styles)], "lw": 1.4}
@@ -147,7 +171,7 @@ def _plot(curves, results, path: Path):
             steps, values = c["train"]
             mean = _smooth(values, 5).mean(0)
             axes[0].plot(steps / steps_per_epoch, mean, label=label, **style)
-            lows["train"].append(np.quantile(mean, 0.1))
+            shown["train"].append((steps / steps_per_epoch, mean))
         if "eval" in c:
             steps, values = c["eval"]
             mean, std = values.mean(0), values.std(0)
@@ -155,17 +179,21 @@ def _plot(curves, results, path: Path):
             axes[1].plot(epochs, mean, marker="o", ms=3, label=label, **style)
             if values.shape[0] > 1:
                 axes[1].fill_between(epochs, mean - std, mean + std, color=colours[kl], alpha=0.12)
-            lows["eval"].append(np.quantile(mean, 0.1))
+            shown["eval"].append((epochs, mean))
     titles = ((axes[0], "train", "Training ELBO (each run's own estimate, smoothed)"),
               (axes[1], "eval", "Test ELBO (analytic KL), mean ± std over seeds"))
     for ax, split, title in titles:
         ax.set_xlabel("epoch")
-        ax.set_ylabel("ELBO  [nats per example]")
+        ax.set_ylabel("ELBO  [nats per example]; higher is better")
         ax.set_title(f"{results['dataset']}: {title}", fontsize=10)
-        if lows[split]:
-            ax.set_ylim(bottom=min(lows[split]))  # Hide the first epochs' plunge.
+        if shown[split]:
+            bottom, top, note = y_range(shown[split])
+            ax.set_ylim(bottom, top)
+            if note:
+                ax.annotate(note, (0.01, 0.01), xycoords="axes fraction", fontsize=8,
+                            color="0.3", va="bottom")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2, title="KL term, samples")
-    fig.suptitle(f"Learning curves by KL term ({results['num_seeds']} seeds)")
+    fig.suptitle(f"Learning curves by KL term ({results['num_seeds']} seeds; y axis from the"
+                 " 5th percentile of the curves' values to their maximum)")
     report.save_figure(fig, path)
-

@@ -5,6 +5,15 @@ independent estimates with `vaekl.kl.draws`, and reports their bias and std
 relative to the analytic KL. Beside each measured figure it reports the exact
 one, from Gauss-Hermite quadrature of the one-dimensional moments combined over
 the (identical, independent) dimensions, so the table checks itself.
+
+Each measured figure has its Monte Carlo standard error (`*_se`), from the
+moments of the n = num_draws estimates: bias SE = s / sqrt(n); std SE =
+SE(s^2) / (2 s) by the delta method, SE(s^2) from the sample fourth central
+moment (`Moments.variance_se`; about s / sqrt(2 (n - 1)) for normal draws).
+`*_z` = (measured - exact) / SE. An SE needs the draws' second (bias) or fourth
+(std) moment to be finite; where it is not (k3 with var_p >= 2 var_q, or >= 4/3
+var_q for the fourth) the SE is left empty: no finite sample measures that figure
+to within a known error.
 """
 
 import functools
@@ -20,8 +29,8 @@ from experiments.moments import Moments
 from vaekl import kl
 
 COLUMNS = ("estimator", "p_mean", "p_log_var", "dim", "num_samples", "true_kl",
-           "bias_over_true", "exact_bias_over_true", "std_over_true", "exact_std_over_true",
-           "num_draws")
+           "bias_over_true", "exact_bias_over_true", "bias_z", "std_over_true",
+           "exact_std_over_true", "std_z", "num_draws")
 
 
 def exact_moments(q_mean, q_log_var, p_mean, p_log_var, dim, estimator, nodes=200):
@@ -75,7 +84,7 @@ def _chunk(key, q_mean, q_log_var, p_mean, p_log_var, *, estimator, num_samples,
 
 
 def measure(key, case, estimator, num_draws, chunk_elements):
-    """Runs one case; returns (mean, std, first chunk of estimates)."""
+    """Runs one case; returns (`Moments` of the estimates, first chunk of estimates)."""
     per_chunk = max(1, min(num_draws, chunk_elements // (case["num_samples"] * case["dim"])))
     moments, first = Moments(), None
     for i in range(math.ceil(num_draws / per_chunk)):
@@ -87,12 +96,68 @@ def measure(key, case, estimator, num_draws, chunk_elements):
         if first is None:
             first = x
         moments.add(x)
-    return float(moments.mean), math.sqrt(moments.variance()), first
+    return moments, first
 
 
 def _finite_or_none(x):
     """JSON has no infinity: an infinite exact figure is written as null."""
     return x if math.isfinite(x) else None
+
+
+def finite_moment(case, estimator, order: int) -> bool:
+    """Whether E_q|estimate|^order is finite. k1 and k2 are polynomials in z (always);
+    k3 holds r = p(z)/q(z), and E_q[r^m] = int p^m q^(1-m) is finite iff
+    var_p / var_q < m / (m - 1)."""
+    if estimator != "k3":
+        return True
+    return math.exp(case["p_log_var"] - case["q_log_var"]) < order / (order - 1)
+
+
+def figures(moments: Moments, case, estimator, true_kl: float, exact_mean: float,
+            exact_var: float) -> dict:
+    """Bias and std over the analytic KL, measured and exact, with the measured ones' SE and
+    z-scores (`None` where the moment an SE needs is infinite)."""
+    std = math.sqrt(float(moments.variance()))
+    out = {"bias_over_true": (float(moments.mean) - true_kl) / true_kl,
+           "std_over_true": std / true_kl,
+           "exact_bias_over_true": (exact_mean - true_kl) / true_kl,
+           "exact_std_over_true": _finite_or_none(
+               math.sqrt(exact_var / case["num_samples"]) / true_kl)}
+    for name, se, order in (("bias", moments.mean_se(), 2), ("std", moments.std_se(), 4)):
+        se = float(se) / true_kl if finite_moment(case, estimator, order) else None
+        exact = out[f"exact_{name}_over_true"]
+        out[f"{name}_over_true_se"] = se
+        out[f"{name}_z"] = (round((out[f"{name}_over_true"] - exact) / se, 2)
+                            if se and exact is not None else None)
+    return out
+
+
+def schulman_rows(rows) -> list:
+    """The rows of Schulman's table: q = N(0, 1) against N(0.1, 1) and N(1, 1), one draw."""
+    return [r for r in rows if r["dim"] == 1 and r["num_samples"] == 1
+            and r["p_log_var"] == 0.0 and r["p_mean"] in (0.1, 1.0)]
+
+
+def agreement(rows, limit: float = 3.0) -> str:
+    """Whether the measured figures are noise about the exact ones: each of Schulman's rows'
+    bias against its exact value, then every row whose |z| reaches `limit`."""
+    lines = [f"- {r['estimator']}, p = N({r['p_mean']:g}, 1): bias/true"
+             f" {report.pm(r['bias_over_true'], r['bias_over_true_se'])} against an exact"
+             f" {report.fmt(r['exact_bias_over_true'])} (z = {report.fmt(r['bias_z'])})"
+             for r in schulman_rows(rows) if r["bias_z"] is not None]
+    far = [r for r in rows if any(r[f"{name}_z"] is not None and abs(r[f"{name}_z"]) >= limit
+                                  for name in ("bias", "std"))]
+    named = [f"{r['estimator']} (p_mean {r['p_mean']:g}, p_log_var {r['p_log_var']:g}, dim"
+             f" {r['dim']}, num_samples {r['num_samples']}): bias_z {report.fmt(r['bias_z'])},"
+             f" std_z {report.fmt(r['std_z'])}" for r in far]
+    verdict = (f"Every measured bias and std is within {limit:g} standard errors of its exact"
+               " value: the differences are Monte Carlo noise." if not far else
+               f"Beyond {limit:g} standard errors of the exact value: " + "; ".join(named) + ".")
+    if any(r["estimator"] == "k3" for r in far):
+        verdict += (" k3 holds r = p(z)/q(z), lognormal and heavy-tailed where the means differ:"
+                    " its sample std falls short of the exact one in most finite samples, and"
+                    " the SE from the sample fourth moment understates the error.")
+    return "\n".join(["Measured against exact (Schulman's rows):", "", *lines, "", verdict, ""])
 
 
 def _true_kl(q_mean, q_log_var, p_mean, p_log_var, dim, num_samples):
@@ -114,16 +179,11 @@ def run(config, workdir: str) -> dict:
         num_draws = config.schulman_draws if schulman else config.num_draws
         for ei, estimator in enumerate(config.estimators):
             key = jax.random.fold_in(jax.random.fold_in(base_key, ci), ei)
-            mean, std, first = measure(key, case, estimator, num_draws, config.chunk_elements)
-            e_mean, e_var = exact_moments(case["q_mean"], case["q_log_var"], case["p_mean"],
-                                          case["p_log_var"], case["dim"], estimator)
-            rows.append(dict(
-                case, estimator=estimator, true_kl=true_kl, num_draws=num_draws,
-                bias_over_true=(mean - true_kl) / true_kl,
-                std_over_true=std / true_kl,
-                exact_bias_over_true=(e_mean - true_kl) / true_kl,
-                exact_std_over_true=_finite_or_none(
-                    math.sqrt(e_var / case["num_samples"]) / true_kl)))
+            moments, first = measure(key, case, estimator, num_draws, config.chunk_elements)
+            exact = exact_moments(case["q_mean"], case["q_log_var"], case["p_mean"],
+                                  case["p_log_var"], case["dim"], estimator)
+            rows.append(dict(case, estimator=estimator, true_kl=true_kl, num_draws=num_draws,
+                             **figures(moments, case, estimator, true_kl, *exact)))
             if schulman:
                 hists[(case["p_mean"], estimator)] = (first[: config.histogram_draws], true_kl)
     results = {"experiment": "estimators", "rows": rows}
@@ -132,27 +192,37 @@ def run(config, workdir: str) -> dict:
     (workdir / "results.md").write_text(
         "# Sampled KL estimators against the analytic KL\n\n"
         "q = N(q_mean, e^q_log_var I), p = N(p_mean, e^p_log_var I); q_mean = q_log_var = 0 in"
-        " every row. `exact_*` by Gauss-Hermite quadrature.\n\n" + table)
+        " every row. `exact_*` by Gauss-Hermite quadrature. Measured figures are"
+        " `value ± Monte Carlo standard error` over the `num_draws` estimates; `*_z` ="
+        " (measured - exact) / SE; an empty SE marks a figure whose draws have an infinite"
+        " second (bias) or fourth (std) moment.\n\n" + table + "\n" + agreement(rows))
     _plot(hists, workdir / "estimators.png")
     print(table)
     return results
 
 
 def _plot(hists, path: Path):
+    """Histograms of single-draw estimates: a row per p, a panel per estimator (k2 and k3
+    nearly coincide where p is close to q, so they are not overlaid)."""
     plt = report.pyplot()
 
     p_means = sorted({p for p, _ in hists})
-    fig, axes = plt.subplots(1, len(p_means), figsize=(5.5 * len(p_means), 4), squeeze=False)
-    for ax, p_mean in zip(axes[0], p_means):
-        panel = {e: xt for (pm, e), xt in hists.items() if pm == p_mean}
-        for estimator, (x, true_kl) in panel.items():
+    estimators = list(dict.fromkeys(e for _, e in hists))
+    fig, axes = plt.subplots(len(p_means), len(estimators), squeeze=False,
+                             figsize=(4.6 * len(estimators), 3.6 * len(p_means)))
+    for row, p_mean in zip(axes, p_means):
+        for j, (ax, estimator) in enumerate(zip(row, estimators)):
+            x, true_kl = hists[(p_mean, estimator)]
             lo, hi = np.quantile(x, [0.005, 0.995])
-            ax.hist(x, bins=np.linspace(min(lo, 0.0), hi, 120), histtype="step", density=True,
-                    label=f"{estimator}: mean {x.mean():.4g}, std {x.std():.3g}")
-        ax.axvline(true_kl, color="k", ls="--", lw=1, label=f"analytic KL {true_kl:.4g}")
-        ax.set_title(f"q = N(0,1), p = N({p_mean:g},1): single-draw estimates")
-        ax.set_xlabel("estimate of KL(q || p)")
-        ax.set_ylabel("density")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
+            ax.hist(x, bins=np.linspace(min(lo, 0.0), hi, 120), density=True, color=f"C{j}",
+                    alpha=0.6, label=f"mean {x.mean():.4g}, std {x.std():.3g}")
+            ax.axvline(true_kl, color="k", ls="--", lw=1, label=f"analytic KL {true_kl:.4g}")
+            ax.set_title(f"{estimator}: q = N(0, 1), p = N({p_mean:g}, 1)", fontsize=10)
+            ax.set_xlabel("single-draw estimate of KL(q || p)")
+            ax.set_ylabel("density (log scale)")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+    draws = len(next(iter(hists.values()))[0])
+    fig.suptitle(f"Sampled KL estimators, one panel each ({draws} estimates per panel;"
+                 " 0.5-99.5% quantile range)")
     report.save_figure(fig, path)

@@ -14,6 +14,15 @@ decoder):
                  gradient over the root of the total variance (the expected norm of
                  the noise of one draw).
 
+Standard errors (`*_se`): a delete-a-group jackknife. The draws are cut into
+`NUM_GROUPS` consecutive groups; each figure is computed again from the moments
+of all draws but one group's (`moments.leave_one_out`), and SE^2 = (G - 1)/G
+sum_g (theta_(-g) - mean theta_(-.))^2. It needs no formula for the variance of
+an average of P correlated per-parameter variances, covers the SNR (a ratio) and
+the ratios between KL terms (computed from the same keys, so their errors are
+correlated: each replicate's ratio uses the same left-out group for both terms).
+`batch_elbo_se` is the std of the draws' losses over sqrt(num_draws).
+
 Models and checkpoints:
   vae / init, early, converged    a VAE on `digits` (`config.train`) after 0,
       `early_epochs` and `converged_epochs` epochs of training with train.py's own
@@ -41,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from experiments.moments import Moments
+from experiments.moments import Moments, jackknife_se, leave_one_out, merge_all
 from vaekl import elbo as elbo_lib
 from vaekl import linear_gaussian, priors
 
@@ -49,6 +58,7 @@ COLUMNS = ("model", "checkpoint", "estimator", "encoder_grad_variance", "decoder
            "encoder_snr", "decoder_snr", "encoder_grad_mean_norm", "batch_elbo", "num_draws")
 RATIO_COLUMNS = ("model", "checkpoint", "analytic_over_k1", "k3_over_k1", "stl_over_k1",
                  "decoder_analytic_over_k1")
+NUM_GROUPS = 20  # Groups of draws of the jackknife standard errors.
 
 
 def _grad_figures(moments: Moments, prefix: str) -> dict:
@@ -91,20 +101,36 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
       chunk: draws per vmapped device call.
 
     Returns:
-      The `_grad_figures` of the encoder and decoder gradients, and
-      `batch_elbo`: minus the loss, averaged over the draws (the batch-mean ELBO as
-      that KL term estimates it).
+      The `_grad_figures` of the encoder and decoder gradients with their jackknife
+      SEs (`*_se`); `batch_elbo`: minus the loss, averaged over the draws (the
+      batch-mean ELBO as that KL term estimates it) and its SE; and `jackknife`:
+      each figure's leave-one-group-out replicates [G] (for `ratio_rows`; not written).
     """
-    enc, dec, losses = Moments(), Moments(), []
+    groups = min(NUM_GROUPS, num_draws)
+    enc, dec = [Moments() for _ in range(groups)], [Moments() for _ in range(groups)]
+    losses = []
     for start in range(0, num_draws, chunk):
-        idx = jnp.arange(start, min(start + chunk, num_draws))
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-        values, g_enc, g_dec = grad_fn(params, keys)
-        losses.append(np.asarray(values, np.float64))
-        enc.add(g_enc)
-        dec.add(g_dec)
-    return {**_grad_figures(enc, "encoder"), **_grad_figures(dec, "decoder"),
-            "num_draws": num_draws, "batch_elbo": -float(np.mean(np.concatenate(losses)))}
+        idx = np.arange(start, min(start + chunk, num_draws))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(idx))
+        values, g_enc, g_dec = jax.tree.map(np.asarray, grad_fn(params, keys))
+        losses.append(values.astype(np.float64))
+        group_of = idx * groups // num_draws
+        for g in np.unique(group_of):
+            rows = group_of == g
+            enc[g].add(g_enc[rows])
+            dec[g].add(g_dec[rows])
+
+    def figures(e, d):
+        return {**_grad_figures(e, "encoder"), **_grad_figures(d, "decoder")}
+
+    full = figures(merge_all(enc), merge_all(dec))
+    replicates = [figures(e, d) for e, d in zip(leave_one_out(enc), leave_one_out(dec))]
+    jackknife = {k: np.array([r[k] for r in replicates], np.float64) for k, v in full.items()
+                 if isinstance(v, float) and all(r[k] is not None for r in replicates)}
+    losses = Moments.of(np.concatenate(losses))
+    return {**full, **{f"{k}_se": jackknife_se(v) for k, v in jackknife.items()},
+            "num_draws": num_draws, "batch_elbo": -float(losses.mean),
+            "batch_elbo_se": float(losses.mean_se()), "jackknife": jackknife}
 
 
 # --- The VAE on digits at its checkpoints. ---
@@ -252,11 +278,12 @@ def _mark_zero_gradients(rows, rel=1e-10):
                  if (p["model"], p["checkpoint"]) == (r["model"], r["checkpoint"])]
         r["encoder_grad_zero"] = bool(r["encoder_grad_variance"] < rel * max(peers))
         if r["encoder_grad_zero"]:
-            r["encoder_snr"] = None
+            r["encoder_snr"] = r["encoder_snr_se"] = None
 
 
 def ratio_rows(rows) -> list:
-    """Encoder variance of each KL term over k1's, per (model, checkpoint)."""
+    """Encoder variance of each KL term over k1's, per (model, checkpoint), with jackknife SEs
+    (the ratio of the two terms' replicates that leave out the same group of draws)."""
     by = {(r["model"], r["checkpoint"], r["estimator"]): r for r in rows}
     out = []
     for model, ckpt in dict.fromkeys((r["model"], r["checkpoint"]) for r in rows):
@@ -264,14 +291,15 @@ def ratio_rows(rows) -> list:
         if k1 is None:
             continue
         row = {"model": model, "checkpoint": ckpt}
-        for e in ("analytic", "k3", "stl"):
-            if (model, ckpt, e) in by:
-                row[f"{e}_over_k1"] = (by[(model, ckpt, e)]["encoder_grad_variance"]
-                                       / k1["encoder_grad_variance"])
-        if (model, ckpt, "analytic") in by:
-            row["decoder_analytic_over_k1"] = (by[(model, ckpt, "analytic")]
-                                               ["decoder_grad_variance"]
-                                               / k1["decoder_grad_variance"])
+        pairs = [(f"{e}_over_k1", e, "encoder") for e in ("analytic", "k3", "stl")]
+        pairs.append(("decoder_analytic_over_k1", "analytic", "decoder"))
+        for name, e, part in pairs:
+            if (model, ckpt, e) not in by:
+                continue
+            field = f"{part}_grad_variance"
+            row[name] = by[(model, ckpt, e)][field] / k1[field]
+            row[f"{name}_se"] = jackknife_se(by[(model, ckpt, e)]["jackknife"][field]
+                                             / k1["jackknife"][field])
         out.append(row)
     return out
 
@@ -284,6 +312,8 @@ def run(config, workdir: str) -> dict:
     rows += linear_gaussian_rows(config, jax.random.fold_in(key, 1))
     _mark_zero_gradients(rows)
     ratios = ratio_rows(rows)
+    for r in rows:
+        del r["jackknife"]  # Replicates of every figure: used for the ratios, not written.
     exact = {r["estimator"]: r["encoder_grad_variance"] for r in rows
              if r["checkpoint"] == "exact_posterior"}
     others = [v for e, v in exact.items() if e != "stl"]
@@ -311,7 +341,9 @@ def _markdown(results, config) -> str:
         " draws, averaged over the group's P parameters); `*_snr` = |E g| / sqrt(sum_p"
         " Var[g_p]); `encoder_grad_mean_norm` = |E g| over the draws. Where the encoder"
         " gradient is zero to rounding (variance < 1e-10 of the largest at that checkpoint) the"
-        " SNR is left empty.\n\n"
+        " SNR is left empty. Each estimated figure is `value ± SE`: a delete-a-group jackknife"
+        f" over {min(NUM_GROUPS, config.num_draws)} groups of draws (`batch_elbo`: std of the"
+        " draws' losses / sqrt(num_draws)).\n\n"
         f"VAE: `{config.train.dataset}`, {config.train.latents} latents, hidden"
         f" {tuple(config.train.hidden)}, trained with kl={config.train.kl!r} ({epochs}).\n"
         "Linear-Gaussian: d = {d}, k = {k}, s = {s}, W = Q diag(c) with orthonormal Q so that a"
@@ -329,7 +361,9 @@ def _markdown(results, config) -> str:
         "Kingma & Welling's claim: the analytic KL (SGVB-B) gives lower-variance gradients than"
         " the generic k1 estimator (SGVB-A); `analytic_over_k1` < 1 supports it. The decoder"
         " gradient does not depend on the KL term (the prior is fixed), so"
-        " `decoder_analytic_over_k1` = 1.\n\n"
+        " `decoder_analytic_over_k1` = 1. Each ratio ± its jackknife SE: both terms are"
+        " measured with the same keys, and each replicate leaves out the same group of draws"
+        " in both, so the SE accounts for their correlation.\n\n"
         + report.markdown_table(results["ratios"], RATIO_COLUMNS)
         + "\nSTL encoder gradient variance at the exact posterior, relative to the smallest of"
         " the other KL terms': {:.3g}.\n".format(
@@ -362,7 +396,9 @@ def _plot(rows, path: Path):
         for j, e in enumerate(estimators):
             xs = np.arange(len(groups)) + (j - (len(estimators) - 1) / 2) * width
             shown = np.maximum(values[:, j], floor)
-            ax.bar(xs, shown - floor, width, bottom=floor, label=e)
+            se = [by[g + (e,)].get(f"{part}_grad_variance_se", 0.0) for g in groups]
+            ax.bar(xs, shown - floor, width, bottom=floor, label=e, yerr=se, capsize=2,
+                   error_kw={"lw": 0.8})
             for xi, v in zip(xs, values[:, j]):
                 if v < floor:
                     ax.annotate(f"{e}: {v:.0e}\n(zero to rounding;\nbelow the axis)", (xi, floor),
@@ -374,7 +410,7 @@ def _plot(rows, path: Path):
         ax.set_ylim(bottom=floor)
         ax.set_xticks(np.arange(len(groups)))
         ax.set_xticklabels([_label(by[g + (estimators[0],)]) for g in groups], fontsize=8)
-        ax.set_ylabel("mean per-parameter gradient variance")
+        ax.set_ylabel("mean per-parameter gradient variance\n(error bars: ± jackknife SE)")
         ax.set_xlabel("model and checkpoint")
         ax.set_title(f"{part.capitalize()} gradient variance of the ELBO, by KL term"
                      + ("\n(the same for every KL term: the KL does not involve the decoder)"

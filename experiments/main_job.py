@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import time
 
-from experiments import report
+from experiments import estimators, posterior_gap, report
 
 
 def _run_part(name, config, workdir):
@@ -31,17 +31,19 @@ def _run_part(name, config, workdir):
 
 
 def _estimators_table(results):
-    rows = [dict(r, p=f"N({r['p_mean']:g}, 1)") for r in results["rows"]
-            if r["dim"] == 1 and r["num_samples"] == 1 and r["p_log_var"] == 0.0
-            and r["p_mean"] in (0.1, 1.0)]
-    return ("Sampled KL estimators, q = N(0, 1) (Schulman's table; exact = quadrature)\n\n"
+    rows = [dict(r, p=f"N({r['p_mean']:g}, 1)")
+            for r in estimators.schulman_rows(results["rows"])]
+    return ("Sampled KL estimators, q = N(0, 1) (Schulman's table; exact = quadrature; measured"
+            " figures ± their Monte Carlo standard error, z = (measured - exact) / SE)\n\n"
             + report.markdown_table(rows, ("estimator", "p", "true_kl", "bias_over_true",
-                                           "exact_bias_over_true", "std_over_true",
-                                           "exact_std_over_true", "num_draws")))
+                                           "exact_bias_over_true", "bias_z", "std_over_true",
+                                           "exact_std_over_true", "std_z", "num_draws"))
+            + "\n" + estimators.agreement(results["rows"]))
 
 
 def _gradient_table(results):
-    text = ("ELBO gradient variance (mean per-parameter variance over draws) by KL term\n\n"
+    text = ("ELBO gradient variance (mean per-parameter variance over draws) by KL term,"
+            " ± jackknife standard errors\n\n"
             + report.markdown_table(results["rows"], ("model", "checkpoint", "estimator",
                                            "encoder_grad_variance", "decoder_grad_variance",
                                            "encoder_snr")))
@@ -53,16 +55,12 @@ def _gradient_table(results):
 
 
 def _training_table(results):
-    rows = []
-    for r in results["rows"]:
-        rows.append(dict(r, test_elbo=f"{r['test_elbo_mean']:.3f} ± {r['test_elbo_std']:.3f}",
-                         test_log_likelihood=(f"{r['test_log_likelihood_mean']:.3f} ±"
-                                              f" {r['test_log_likelihood_std']:.3f}")
-                         if "test_log_likelihood_mean" in r else ""))
     return (f"Training on {results['dataset']}, {results['num_epochs']} epochs,"
-            f" {results['num_seeds']} seeds (mean ± std over seeds; nats per example)\n\n"
-            + report.markdown_table(rows, ("kl", "num_samples", "test_elbo",
-                                           "test_log_likelihood", "train_wall_s")))
+            f" {results['num_seeds']} seeds (nats per example; `*_mean` is the mean over seeds ±"
+            " its standard error, `*_std` the seeds' std)\n\n"
+            + report.markdown_table(results["rows"], ("kl", "num_samples", "test_elbo_mean",
+                                                      "test_elbo_std", "test_log_likelihood_mean",
+                                                      "test_log_likelihood_std", "train_wall_s")))
 
 
 def _gap_table(results):
@@ -83,7 +81,10 @@ def _gap_table(results):
             + f"\nmax |log p(x) - ELBO - KL(q || p(z|x))| over all rows and examples:"
               f" {results['max_abs_identity_error']:.3g} (float64),"
               f" {results['max_abs_identity_error_float32']:.3g} (float32); best diagonal q's"
-              f" gap {results['mean_field_floor']:.4g} nats.\n")
+              f" gap {results['mean_field_floor']:.4g} nats.\n"
+            + "\nThe Monte Carlo ELBO (± its standard error) against the closed form\n\n"
+            + report.markdown_table(results["sampled_check"], posterior_gap.CHECK_COLUMNS,
+                                    digits=6))
 
 
 TABLES = {"estimators": _estimators_table, "gradient_variance": _gradient_table,

@@ -18,11 +18,47 @@ def fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def pm(mean: Any, se: Any) -> str:
+    """A cell "mean ± se": se to two significant digits and the mean to the same decimals.
+
+    pm(0.005412, 0.006324) == "0.0054 ± 0.0063". Magnitudes below 1e-3 or from 1e6 up
+    share an exponent: pm(1.916e-32, 4.4e-34) == "(1.916 ± 0.044)e-32"; an se below the
+    mean's sixth decimal is written apart: pm(-20.38356, 7.7e-17) == "-20.38356 ± 7.7e-17".
+    A missing or non-finite se gives `fmt(mean)` alone, a zero se "mean ± 0".
+    """
+    if not (_is_real(mean) and _is_real(se) and math.isfinite(se) and math.isfinite(mean)):
+        return fmt(mean)
+    if se == 0:
+        return f"{fmt(mean)} ± 0"
+    exponent = math.floor(math.log10(max(abs(mean), abs(se))))
+    if exponent < -3 or exponent >= 6:
+        scale = 10.0**exponent
+        return f"({pm(mean / scale, se / scale)})e{exponent}"
+    decimals = max(0, 1 - math.floor(math.log10(abs(se))))
+    if decimals > 6:
+        return f"{fmt(mean, 7)} ± {se:.2g}"
+    return f"{mean:.{decimals}f} ± {se:.{decimals}f}"
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def cell(row: dict, column: str, digits: int = 4) -> str:
+    """`row[column]` as a table cell; with its standard error where the row holds a number
+    `column + "_se"` beside a number (`pm`), else `fmt`."""
+    value, se = row.get(column, ""), row.get(f"{column}_se")
+    if _is_real(value) and _is_real(se):
+        return pm(value, se)
+    return fmt(value, digits)
+
+
 def markdown_table(rows: Iterable[dict], columns: Sequence[str], digits: int = 4) -> str:
-    """A GitHub markdown table of `rows` restricted to `columns`."""
+    """A GitHub markdown table of `rows` restricted to `columns` (cells by `cell`: a figure
+    whose row holds `FIGURE_se` is written "value ± se")."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c, ""), digits) for c in columns) + " |")
+        lines.append("| " + " | ".join(cell(row, c, digits) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

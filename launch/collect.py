@@ -183,21 +183,46 @@ def summary_markdown(root: Path, groups, by: Sequence[str], result_columns: Sequ
     return "\n".join(lines) + "\n" + markdown_table(table, columns)
 
 
-def plot(groups, by: Sequence[str], metric: str, path: Path) -> None:
-    """A point per group with ± std error bars of `metric`."""
+HIGHER_IS_BETTER = ("elbo", "log_likelihood", "snr")
+LOWER_IS_BETTER = ("nll", "loss", "distortion", "variance", "std", "wall_s")
+
+
+def direction(metric: str) -> str:
+    """"higher is better", "lower is better" or "" (a rate, a bias, or a name with both),
+    from the words in `metric`'s name."""
+    higher = any(word in metric for word in HIGHER_IS_BETTER)
+    lower = any(word in metric for word in LOWER_IS_BETTER)
+    if higher == lower:
+        return ""
+    return "higher is better" if higher else "lower is better"
+
+
+def plot_labels(groups, by: Sequence[str]) -> list[str]:
+    """A label per group: its values of the `by` columns and its number of runs."""
+    labels = []
+    for key, rows in groups:
+        values = ", ".join(f"{c}={fmt(v)}" for c, v in zip(by, key)) or "all"
+        labels.append(f"{values}  (n={len({r['run'] for r in rows})})")
+    return labels
+
+
+def plot(groups, by: Sequence[str], metric: str, path: Path, root: Path) -> None:
+    """A point per group with ± std error bars of `metric`, titled with the sweep and metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [", ".join(f"{c}={fmt(v)}" for c, v in zip(by, key)) or "all" for key, _ in groups]
     stats = [mean_std([r.get(metric) for r in rows]) for _, rows in groups]
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(groups) + 1)))
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(groups) + 1.3)))
     ax.errorbar([m for m, _ in stats], range(len(groups)), xerr=[s for _, s in stats], fmt="o",
                 capsize=3)
-    ax.set_yticks(range(len(groups)), labels, fontsize=8)
+    ax.set_yticks(range(len(groups)), plot_labels(groups, by), fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{metric} (mean ± std)")
+    better = direction(metric)
+    ax.set_xlabel(f"{metric}: mean ± std over the n runs of a group")
+    ax.set_title(f"{Path(root).resolve().name}: {metric}" + (f" by {', '.join(by)}" if by else "")
+                 + (f" ({better})" if better else ""), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -265,7 +290,7 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
     write_csv(rows, columns, paths["csv"])
     paths["summary"].write_text(summary_markdown(root, groups, group_by, result_columns, seeds,
                                                  len(unfinished)))
-    plot(groups, group_by, metric, paths["plot"])
+    plot(groups, group_by, metric, paths["plot"], root)
     if study.is_study(finished):  # The burda_* sweeps: their table beside Burda's Table 1.
         study_paths, table = study.write(root, finished)
         paths["summary"].write_text(paths["summary"].read_text() + "\n" + table)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import compare_training, main
+from experiments import compare_training, main, moments, report
 from experiments.configs import catalog, presets
 from experiments.configs import compare_training as compare_training_config
 from experiments.configs import estimators as estimators_config
@@ -171,6 +171,120 @@ def test_compare_training_has_every_run(main_run, monkeypatch):
     monkeypatch.setattr(train, "train_and_evaluate", no_training)
     again = compare_training.run(config, str(workdir))
     assert again["rows"] == results["rows"]
+
+
+def test_every_estimated_figure_has_a_positive_standard_error(main_run):
+    workdir = main_run[0]
+    rows = part(workdir, "estimators")["rows"]
+    for r in rows:
+        # The bias SE is the estimates' std over sqrt(n) (here over the true KL).
+        assert r["bias_over_true_se"] == pytest.approx(
+            r["std_over_true"] / math.sqrt(r["num_draws"]), rel=1e-9)
+        if r["estimator"] == "k3" and r["p_log_var"] > 0.25:  # var_p/var_q >= 4/3: E r^4 = inf
+            assert r["std_over_true_se"] is None and r["std_z"] is None
+        else:
+            assert 0 < r["std_over_true_se"] < 0.1 * r["std_over_true"], r
+            # k3's lognormal r: its sample std runs low, its SE is understated (results.md).
+            assert r["estimator"] == "k3" or abs(r["std_z"]) < 5, r
+        assert abs(r["bias_z"]) < 5, r  # The measured bias is noise about the exact one.
+    text = (workdir / "estimators" / "results.md").read_text()
+    k1 = next(r for r in rows if (r["estimator"], r["p_mean"], r["dim"]) == ("k1", 0.1, 1))
+    cell = report.pm(k1["bias_over_true"], k1["bias_over_true_se"])
+    assert f"k1, p = N(0.1, 1): bias/true {cell} against an exact 0" in text
+    assert re.search(r"\| k1 \| 0\.1 \| 0 \| 1 \| 1 \| 0\.005 \| -?\d\.\d+ ± 0\.04\d \|", text)
+
+    grads = part(workdir, "gradient_variance")
+    for r in grads["rows"]:
+        assert "jackknife" not in r
+        fields = ["decoder_grad_variance", "decoder_snr", "batch_elbo"]
+        if r["encoder_grad_zero"]:  # STL at the exact posterior: zero to rounding, no SNR.
+            assert r["encoder_snr"] is None and r["encoder_snr_se"] is None
+        else:
+            fields += ["encoder_grad_variance", "encoder_snr"]
+        for field in fields:
+            assert r[f"{field}_se"] > 0, (field, r)
+            # k3's gradient can have infinite variance (see results.md): its SE may be large.
+            assert r["estimator"] == "k3" or r[f"{field}_se"] < abs(r[field]), (field, r)
+    for r in grads["ratios"]:
+        for e in ("analytic", "k3"):
+            assert r[f"{e}_over_k1_se"] > 0, r
+        # The decoder gradient is the same under every KL term: the ratio is 1, its SE ~0.
+        assert r["decoder_analytic_over_k1_se"] < 1e-4
+
+    for r in part(workdir, "compare_training")["rows"]:
+        for field in ("test_elbo", "test_log_likelihood"):
+            seeds = np.asarray(r[f"{field}_seeds"])
+            assert r[f"{field}_mean_se"] == pytest.approx(
+                seeds.std(ddof=1) / math.sqrt(seeds.size), rel=1e-9)
+    for check in part(workdir, "posterior_gap")["sampled_check"]:
+        assert check["mc_elbo_se"] > 0
+    summary = (workdir / "results.md").read_text()
+    for section in summary.split("\n## ")[1:]:
+        assert " ± " in section, section.splitlines()[0]  # Every part's table has SEs.
+
+
+def test_each_training_run_writes_titled_images(main_run):
+    runs = main_run[0] / "compare_training" / "runs"
+    for sub in runs.iterdir():
+        for name in ("reconstructions.png", "samples.png"):
+            assert (sub / name).stat().st_size > 0, (sub, name)
+
+
+def test_learning_curve_axis_shows_the_values_and_names_what_it_cuts():
+    epochs = np.linspace(0.1, 10, 100)
+    curve = -30 - 500 * np.exp(-5 * epochs)  # A plunge in the first epoch, then about -30.
+    bottom, top, note = compare_training.y_range([(epochs, curve), (epochs, curve + 1)])
+    assert curve.min() < bottom < -30.5 and top > -29
+    assert f"down to {curve.min():.4g}" in note and "until epoch" in note
+    assert compare_training.y_range([(epochs, -30 + epochs)])[2] == ""  # Nothing cut.
+
+
+def test_moments_merge_chunks_like_one_pass_and_give_standard_errors():
+    rng = np.random.default_rng(0)
+    x = 3.0 + rng.exponential(size=(200_000, 2))  # Skewed: mu3, mu4 far from normal's.
+    m = moments.Moments()
+    for chunk in np.array_split(x, [1, 2, 1000, 150_000]):
+        m.add(chunk)
+    d = x - x.mean(0)
+    assert m.n == x.shape[0]
+    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-12)
+    for k, got in ((2, m.m2), (3, m.m3), (4, m.m4)):
+        np.testing.assert_allclose(got, np.sum(d**k, 0), rtol=1e-9)
+    n = x.shape[0]
+    np.testing.assert_allclose(m.mean_se(), x.std(0, ddof=1) / math.sqrt(n), rtol=1e-12)
+    # Exponential(1): Var(s^2) = (mu4 - sigma^4) / n + O(1/n^2) = 8 / n.
+    np.testing.assert_allclose(m.variance_se(), math.sqrt(8 / n), rtol=0.1)
+    np.testing.assert_allclose(m.std_se(), math.sqrt(8 / n) / 2, rtol=0.1)
+    # Normal draws: SE(s) is about s / sqrt(2 (n - 1)).
+    normal = moments.Moments.of(rng.normal(0.0, 2.0, size=(50_000,)))
+    assert float(normal.std_se()) == pytest.approx(2.0 / math.sqrt(2 * 49_999), rel=0.05)
+    with pytest.raises(ZeroDivisionError, match="at least 2 draws; got 1"):
+        moments.Moments.of(x[:1]).variance()
+
+
+def test_jackknife_over_groups_of_one_draw_is_the_classic_standard_error():
+    x = np.random.default_rng(1).normal(size=(40, 3))
+    groups = [moments.Moments.of(row[None]) for row in x]
+    loo = moments.leave_one_out(groups)
+    for g, m in enumerate(loo):
+        rest = np.delete(x, g, axis=0)
+        np.testing.assert_allclose(m.mean, rest.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m.variance(), rest.var(0, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(moments.merge_all(groups).m2, np.sum((x - x.mean(0)) ** 2, 0),
+                               rtol=1e-12)
+    # The jackknife SE of a mean is exactly s / sqrt(n).
+    se = moments.jackknife_se([float(m.mean[0]) for m in loo])
+    assert se == pytest.approx(x[:, 0].std(ddof=1) / math.sqrt(len(x)), rel=1e-10)
+
+
+def test_a_figure_with_its_standard_error_is_one_cell():
+    assert report.pm(0.005412, 0.006324) == "0.0054 ± 0.0063"
+    assert report.pm(-98.1234, 0.31) == "-98.12 ± 0.31"
+    assert report.pm(1.5, None) == "1.5"
+    assert report.pm(1.916e-32, 4.4e-34) == "(1.916 ± 0.044)e-32"
+    assert report.pm(-20.3835591, 7.7e-17) == "-20.38356 ± 7.7e-17"
+    table = report.markdown_table([{"a": 0.005412, "a_se": 0.006324, "b": 2.0}], ("a", "b"))
+    assert table.splitlines()[-1] == "| 0.0054 ± 0.0063 | 2 |"
 
 
 # --- The entry point: --help, presets and the check of a config. ---

@@ -453,11 +453,12 @@ def test_collect_flattens_estimator_rows(flaky_root):
     summary = paths["summary"].read_text()
     assert "2 finished runs (1 not finished). Grouped by `row`" in summary
     assert "The same in every run: experiment = estimators, dim = 1," in summary
-    assert "| row | runs | bias_over_true | estimator |" in summary
+    assert "| row | runs | bias_over_true | bias_over_true_se | bias_z | estimator |" in summary
     bias = [json.loads((root / f"seed={s}" / "results.json").read_text())["rows"][3]
             ["bias_over_true"] for s in (0, 1)]
     mean, std = statistics.fmean(bias), statistics.stdev(bias)
-    assert f"| 3 | 2 | {mean:.4g} ± {std:.4g} | k3 |" in summary
+    row3 = next(line for line in summary.splitlines() if line.startswith("| 3 | 2 | "))
+    assert row3.startswith(f"| 3 | 2 | {mean:.4g} ± {std:.4g} | ") and " | k3 | " in row3
     by_estimator = collect.collect(root, group_by=["estimator"], metric="std_over_true")
     assert "| estimator | runs |" in by_estimator["summary"].read_text()
     assert "| k3 | 2 | " in by_estimator["summary"].read_text()
@@ -489,3 +490,15 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert collected.returncode == 0, collected.stderr
     assert (root / "results.csv").exists() and (root / "summary.md").exists()
     assert "test_elbo" in (root / "summary.md").read_text()
+
+
+def test_collect_plot_says_which_way_is_better_and_n_per_group():
+    assert collect.direction("test_elbo") == "higher is better"
+    assert collect.direction("test_log_likelihood") == "higher is better"
+    assert collect.direction("test_nll") == "lower is better"
+    assert collect.direction("std_over_true") == "lower is better"
+    assert collect.direction("test_rate") == ""  # A trade-off, not a score.
+    assert collect.direction("test_elbo_std") == ""  # Both words: say nothing.
+    groups = collect.group([{"run": "a", "kl": "k1"}, {"run": "b", "kl": "k1"},
+                            {"run": "c", "kl": "k3"}], ["kl"])
+    assert collect.plot_labels(groups, ["kl"]) == ["kl=k1  (n=2)", "kl=k3  (n=1)"]

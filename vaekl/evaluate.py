@@ -152,12 +152,17 @@ class Evaluator:
         stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items() if k != "per_dim_kl"}
         return {**means, **stds, **extra, "seeds": seeds}
 
-    def write_images(self, workdir: Path, params, keys) -> None:
-        """reconstructions.png (test images over their reconstructions) and samples.png."""
-        from PIL import Image
+    def write_images(self, workdir: Path, params, keys, *, epoch: int, step: int,
+                     test_elbo) -> None:
+        """reconstructions.png (test images over their reconstructions) and samples.png.
 
+        Each is titled with the data set, `epoch`, `step` and `test_elbo` (the
+        summary's; of the first seed, whose images these are, when vmapped) and
+        says what its rows are.
+        """
         if self._vmapped:
             params, keys = jax.tree.map(lambda v: v[0], (params, keys))
+            test_elbo = test_elbo[0]
         model = self._model
         x = self._x.reshape(-1, self._x.shape[-1])[:16]
         mean, _ = model.apply(params, x, method=models.VAE.encode)
@@ -170,15 +175,36 @@ class Evaluator:
         else:
             z = prior.sample(z_key, (64,))
         samples = self._mean_image(model.apply(params, z, method=models.VAE.decode))
-        for name, images, cols in (("reconstructions", np.concatenate([x, recon]), 16),
-                                   ("samples", samples, 8)):
-            grid = _grid(np.asarray(images).reshape((-1,) + self._shape[:2]), cols)
-            Image.fromarray((255 * np.clip(grid, 0, 1)).astype(np.uint8)).resize(
-                (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-                    workdir / f"{name}.png")
+        when = (f"{self._config.dataset}, epoch {epoch} (step {step}), seed {self._config.seed}:"
+                f" test ELBO {float(test_elbo):.2f} nats per example")
+        shape = self._shape[:2]
+        _save_grid(workdir / "reconstructions.png", np.concatenate([x, recon]), shape, 16,
+                   f"{when}\ntop: {len(x)} test images; bottom: their reconstructions"
+                   " (decoder mean at the encoder mean)", ("test images", "reconstructions"))
+        _save_grid(workdir / "samples.png", np.asarray(samples), shape, 8,
+                   f"{when}\n{len(samples)} samples: decoder means at z drawn from the prior")
 
     def _mean_image(self, out):
         return jax.nn.sigmoid(out) if self._likelihood == "bernoulli" else out
+
+
+def _save_grid(path: Path, images, shape, cols: int, title: str, row_labels=()) -> None:
+    """Writes images [N, H * W] (values in [0, 1]) as a titled grid of `cols` columns, with
+    `row_labels` beside the first rows. Uses matplotlib's Figure, not pyplot, so that a
+    notebook's backend is left alone."""
+    from matplotlib.figure import Figure
+
+    h = shape[0]
+    grid = _grid(np.clip(np.asarray(images).reshape((-1,) + tuple(shape)), 0, 1), cols)
+    width = 9.0 if cols > 8 else 5.5
+    fig = Figure(figsize=(width, width * grid.shape[0] / grid.shape[1] + 0.6))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(i + 0.5) * (h + 1) for i in range(len(row_labels))], list(row_labels),
+                  fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def _grid(images: np.ndarray, cols: int) -> np.ndarray:

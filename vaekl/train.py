@@ -399,7 +399,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    platform=devices[0].platform)
     workdir_lib.write_results(work, results)
     if len(train_data.shape) == 3:
-        evaluator.write_images(work, state.params, keys)
+        evaluator.write_images(work, state.params, keys, epoch=step // steps_per_epoch,
+                               step=step, test_elbo=summary["test_elbo"])
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items()
                                             if not isinstance(v, (list, dict))}))
     return results

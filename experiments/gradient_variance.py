@@ -50,7 +50,7 @@ RATIO_COLUMNS = ("model", "checkpoint", "analytic_over_k1", "k3_over_k1", "stl_o
                  "decoder_analytic_over_k1")
 
 
-class _Moments:
+class Moments:
     """Running mean and sum of squared deviations of rows of [n, P] (Chan et al.), float64."""
 
     def __init__(self):
@@ -80,7 +80,8 @@ class _Moments:
                 f"{prefix}_num_params": int(var.size)}
 
 
-def _flat(tree, batch_dims=1):
+def flatten(tree, batch_dims=1):
+    """The leaves of `tree` as one array [*batch, P] (the first `batch_dims` axes kept)."""
     leaves = jax.tree.leaves(tree)
     return jnp.concatenate([l.reshape(l.shape[:batch_dims] + (-1,)) for l in leaves], axis=-1)
 
@@ -92,7 +93,7 @@ def make_grad_fn(loss, split):
     def grads(params, keys):
         values, g = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, keys)
         enc, dec = split(g)
-        return values, _flat(enc), _flat(dec)
+        return values, flatten(enc), flatten(dec)
 
     return grads
 
@@ -108,11 +109,11 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
       chunk: draws per vmapped device call.
 
     Returns:
-      The `_Moments.summary` figures of the encoder and decoder gradients, and
+      The `Moments.summary` figures of the encoder and decoder gradients, and
       `batch_elbo`: minus the loss, averaged over the draws (the batch-mean ELBO as
       that KL term estimates it).
     """
-    enc, dec, losses = _Moments(), _Moments(), []
+    enc, dec, losses = Moments(), Moments(), []
     for start in range(0, num_draws, chunk):
         idx = jnp.arange(start, min(start + chunk, num_draws))
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)

@@ -11,6 +11,11 @@ Arguments after the file name pick a preset:
              (the k = 1 VAE); iwae_k5, iwae_k50 the same net trained with IWAE k = 5 / 50
   iwae_quick IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)
   linear     a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)
+
+Posterior families and priors without a closed-form KL (vaekl.posteriors):
+  --config.posterior=full --config.kl=entropy      full-covariance Gaussian q
+  --config.posterior=iaf --config.iaf_steps=2      inverse autoregressive flow (kl k1, k3, stl)
+  --config.prior=vamp --config.num_pseudo_inputs=500 --config.kl=k1   the VampPrior
 """
 
 import ml_collections
@@ -33,12 +38,17 @@ def get_config(arg=None):
     c.kind = "mlp"
     c.likelihood = ""  # "" takes the data set's: bernoulli or gaussian.
     c.fixed_log_scale = config_dict.placeholder(float)  # Gaussian decoder: None learns it.
-    c.prior = "standard"
-    c.num_components = 10
+    c.prior = "standard"  # standard | learned | mixture | vamp.
+    c.num_components = 10  # prior="mixture".
+    c.num_pseudo_inputs = 500  # prior="vamp": K, Tomczak & Welling's 500 for MNIST.
+    c.posterior = "diag"  # q(z|x): diag | full | iaf (vaekl.posteriors).
+    c.iaf_steps = 2  # posterior="iaf": flow steps, ...
+    c.iaf_hidden = (320,)  # ... each a MADE with these hidden widths, ...
+    c.iaf_context = 20  # ... conditioned on an encoder context h of this width (0: none).
     c.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
     # Objective.
     c.objective = "elbo"  # elbo | iwae | renyi | miwae | piwae | ciwae (vaekl.bounds).
-    c.kl = "analytic"  # The ELBO's KL term: analytic | k1 | k3 | stl.
+    c.kl = "analytic"  # The ELBO's KL term: analytic | k1 | k3 | stl | entropy.
     c.num_samples = 1  # K: draws averaged (elbo) or inside each bound.
     c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam | stl | dreg.
     c.outer_samples = 1  # M of miwae / piwae.

@@ -31,7 +31,6 @@ diag, full, iaf; priors standard, vamp, ...):
     approximation ("variational", closed form, not a bound) is reported beside them.
 """
 
-import json
 from pathlib import Path
 
 import jax
@@ -232,7 +231,8 @@ def estimator_rows(config, workdir: Path, key) -> list:
 
 
 def run(config, workdir: str) -> dict:
-    """Trains (or reads) every run, measures the estimators; writes results.json, results.md, a plot."""
+    """Trains (or reads) every run and measures the KL terms; writes results.json, results.md
+    and no_closed_form.png."""
     workdir = report.prepare_workdir(workdir)
     training = training_rows(config, workdir)
     estimators = estimator_rows(config, workdir, jax.random.key(config.seed))

@@ -30,7 +30,7 @@ Families (`FAMILIES`, the names of `config.posterior`):
           flow), and the ordering of the latents is reversed from step to step.
 """
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +137,8 @@ class IAF(NamedTuple):
         return z, STANDARD_NORMAL.log_prob(eps) - log_det
 
     def forward(self, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """z_T and log |det dz_T/d eps| = sum log sigma_0 + sum_t sum log sigma_t, for eps [..., dim]."""
+        """(z_T, log |det dz_T/d eps|) for eps [..., dim]; the log-det is
+        sum log sigma_0 + sum_t sum log sigma_t."""
         z = self.mean + jnp.exp(0.5 * self.log_var) * eps
         log_det = 0.5 * jnp.sum(self.log_var, axis=-1)
         for t in range(len(self.steps)):
@@ -231,9 +232,10 @@ def init_iaf(key: jax.Array, dim: int, hidden: Sequence[int], num_steps: int,
     return tuple(steps)
 
 
-def made(params: dict, z: jax.Array, context: Optional[jax.Array], *,
+def made(params: dict, z: jax.Array, context: jax.Array, *,
          reverse: bool) -> tuple[jax.Array, jax.Array]:
-    """(m, s), each [..., dim], of one IAF step for z [..., dim] and context [..., C]."""
+    """(m, s), each [..., dim], of one IAF step for z [..., dim] and context [..., C]
+    (read only if the step has context weights)."""
     num_hidden = sum(1 for k in params if k.startswith("hidden_"))
     hidden = [params[f"hidden_{i}"]["bias"].shape[0] for i in range(num_hidden)]
     masks = made_masks(z.shape[-1], hidden, reverse=reverse)
@@ -241,7 +243,7 @@ def made(params: dict, z: jax.Array, context: Optional[jax.Array], *,
     for i in range(num_hidden):
         layer = params[f"hidden_{i}"]
         h = h @ (layer["kernel"] * masks[i]) + layer["bias"]
-        if i == 0 and "context" in params and context is not None and context.shape[-1]:
+        if i == 0 and "context" in params:
             h = h + context @ params["context"]
         h = jax.nn.elu(h)
     out = [h @ (params[k]["kernel"] * masks[-1]) + params[k]["bias"] for k in ("shift", "scale")]

@@ -274,7 +274,10 @@ def _markdown(results, config) -> str:
         " k1's. `variational` is Hershey & Olsen's closed-form approximation (not a bound, not"
         " unbiased); `stl` has k1's values and its own gradient. k3's `bias_se` understates"
         " its error where the KL is large: E_q r = 1 is then carried by rare draws with"
-        " r = p/q >> 1, which a finite sample seldom holds, so k3 reads about k1 - 1 there.\n\n"
+        " r = p/q >> 1, which a finite sample seldom holds, so k3 reads about k1 - 1 there."
+        " For a Gaussian q, `entropy` has k1's gradient (log q(z) written in eps is"
+        " log N(eps) - log |det L|, whose gradient is -H(q)'s): it changes the estimate's"
+        " value, not training.\n\n"
         + report.markdown_table(results["estimators"], ESTIMATOR_COLUMNS)
         + "\n## Training outcomes\n\n"
         "Test ELBO (analytic KL where the pair has one, k1 otherwise), IWAE log-likelihood"

@@ -30,6 +30,8 @@ COLUMNS = ("kl", "num_samples", "test_elbo_mean", "test_elbo_std", "test_log_lik
            "test_log_likelihood_std", "test_rate_mean", "active_units_mean", "train_wall_s",
            "num_seeds")
 
+SEED_FIELDS = ("test_elbo", "test_log_likelihood", "test_rate", "active_units")
+
 
 def run_name(kl: str, num_samples: int) -> str:
     return f"{kl}_n{num_samples}"
@@ -46,6 +48,21 @@ def _seeds(results: dict, field: str) -> list:
     if "seeds" in results:
         return [s[field] for s in results["seeds"]]
     return [results[field]]
+
+
+def seed_figures(results: dict, fields) -> dict:
+    """`<field>_mean`, `_std` (ddof 0) and `_seeds` over the seeds of a run's results, for
+    each of `fields` that the results hold."""
+    row = {}
+    for field in fields:
+        if field in results:
+            values = np.asarray(_seeds(results, field), np.float64)
+            row[f"{field}_mean"] = float(values.mean())
+            row[f"{field}_mean_se"] = (float(Moments.of(values).mean_se())
+                                       if values.size > 1 else None)
+            row[f"{field}_std"] = float(values.std())
+            row[f"{field}_seeds"] = values.tolist()
+    return row
 
 
 def finished_results(sub: Path, cfg):
@@ -91,14 +108,7 @@ def run(config, workdir: str) -> dict:
             row = {"kl": kl, "num_samples": int(n), "num_seeds": results["num_seeds"],
                    "train_wall_s": results["train_wall_s"], "steps": results["steps"],
                    "run": str(sub.relative_to(workdir))}
-            for field in ("test_elbo", "test_log_likelihood", "test_rate", "active_units"):
-                if field in results:
-                    values = np.asarray(_seeds(results, field), np.float64)
-                    row[f"{field}_mean"] = float(values.mean())
-                    row[f"{field}_mean_se"] = (float(Moments.of(values).mean_se())
-                                               if values.size > 1 else None)
-                    row[f"{field}_std"] = float(values.std())
-                    row[f"{field}_seeds"] = values.tolist()
+            row.update(seed_figures(results, SEED_FIELDS))
             rows.append(row)
             curves[(kl, int(n))] = read_curves(sub / "metrics.jsonl")
     cfg = config.train

@@ -73,7 +73,8 @@ def _grad_figures(moments: Moments, prefix: str) -> dict:
             f"{prefix}_num_params": int(var.size)}
 
 
-def _flat(tree, batch_dims=1):
+def flatten(tree, batch_dims=1):
+    """The leaves of `tree` as one array [*batch, P] (the first `batch_dims` axes kept)."""
     leaves = jax.tree.leaves(tree)
     return jnp.concatenate([l.reshape(l.shape[:batch_dims] + (-1,)) for l in leaves], axis=-1)
 
@@ -85,7 +86,7 @@ def make_grad_fn(loss, split):
     def grads(params, keys):
         values, g = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, keys)
         enc, dec = split(g)
-        return values, _flat(enc), _flat(dec)
+        return values, flatten(enc), flatten(dec)
 
     return grads
 

@@ -203,6 +203,17 @@ def _burda_rows(k50: bool) -> list[Overrides]:
     return rows
 
 
+# The KL terms of each (posterior, prior) pair of `no_closed_form` (vaekl.posteriors.kl_terms,
+# which tests/no_closed_form_test.py checks these against: launch reads no library code).
+_NO_CLOSED_FORM_TERMS = {
+    ("diag", "standard"): ["analytic", "k1", "k3", "stl", "entropy"],
+    ("diag", "vamp"): ["k1", "k3", "stl", "entropy"],
+    ("full", "standard"): ["analytic", "k1", "k3", "stl", "entropy"],
+    ("full", "vamp"): ["k1", "k3", "stl", "entropy"],
+    ("iaf", "standard"): ["k1", "k3", "stl"],
+    ("iaf", "vamp"): ["k1", "k3", "stl"],
+}
+
 SWEEPS: dict[str, Sweep] = {
     "smoke": Sweep(
         config="experiments/configs/train.py:quick",
@@ -232,6 +243,13 @@ SWEEPS: dict[str, Sweep] = {
         config="experiments/configs/burda.py:short",
         runs=_burda_rows(k50=True),
         description="the study, 40 epochs (the schedule's first 4 stages) on mnist"),
+    "no_closed_form": Sweep(
+        config="experiments/configs/train.py:quick",
+        runs=chain(*[product(posterior=[q], prior=[p], kl=terms)
+                     for (q, p), terms in _NO_CLOSED_FORM_TERMS.items()]),
+        fixed={**_DIGITS, "num_pseudo_inputs": 50, "iaf_hidden": (64,), "iaf_context": 8},
+        description="every posterior family x prior (standard, VampPrior) x the KL terms the"
+                    " pair allows, seconds each on digits"),
     "burda_quick": Sweep(
         config="experiments/configs/burda.py:quick",
         runs=_burda_rows(k50=False),

@@ -52,12 +52,17 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.kind = "mlp"  # The network, one of vaekl.models.KINDS.
     c.likelihood = ""  # "" takes the data set's: bernoulli or gaussian.
     c.fixed_log_scale = config_dict.placeholder(float)  # Gaussian decoder: None learns it.
-    c.prior = "standard"  # p(z), one of vaekl.models.PRIORS.
+    c.prior = "standard"  # p(z), one of vaekl.models.PRIORS (standard, learned, mixture, vamp).
     c.num_components = 10  # Components of the mixture prior.
+    c.num_pseudo_inputs = 500  # prior="vamp": K, Tomczak & Welling's 500 for MNIST.
+    c.posterior = "diag"  # q(z|x), one of vaekl.posteriors.FAMILIES (diag, full, iaf).
+    c.iaf_steps = 2  # posterior="iaf": flow steps, each a MADE ...
+    c.iaf_hidden = (320,)  # ... with these hidden widths, ...
+    c.iaf_context = 20  # ... conditioned on an encoder context h of this width (0: none).
     c.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
     # Objective.
     c.objective = "elbo"  # The training objective: elbo or one of vaekl.bounds.OBJECTIVES.
-    c.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS.
+    c.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS (analytic, k1, k3, stl, entropy).
     c.num_samples = 1  # K: draws of z averaged (elbo) or inside each bound.
     c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam, stl or dreg.
     c.outer_samples = 1  # M, the bounds averaged by miwae and piwae.

@@ -3,7 +3,8 @@
 Networks are configured, not coded: `hidden=(500,)` with ReLU is the Flax
 example's 784-500-20 net, `hidden=(200, 200)` with tanh the IWAE net, and
 `hidden=()` a linear encoder/decoder. `kind="conv"` gives a small conv net for
-image data.
+image data. The encoder's posterior family (`posterior`: "diag", "full" or
+"iaf") and the VampPrior are those of `vaekl.posteriors`.
 """
 
 import math
@@ -13,11 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vaekl import posteriors
 from vaekl.priors import DiagNormal, MixtureOfGaussians, gaussian_log_prob
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "elu": nn.elu, "gelu": nn.gelu,
                "softplus": nn.softplus, "silu": nn.silu}
-PRIORS = ("standard", "learned", "mixture")
+PRIORS = ("standard", "learned", "mixture", "vamp")
+GAUSSIAN_PRIORS = ("standard", "learned")
 LIKELIHOODS = ("bernoulli", "gaussian")
 KINDS = ("mlp", "conv")
 INITS = ("lecun", "torch")
@@ -119,9 +122,15 @@ class VAE(nn.Module):
       activation: a name in `ACTIVATIONS`.
       likelihood: "bernoulli" (decoder outputs logits) or "gaussian" (means, and
         a learned per-pixel log-scale unless `fixed_log_scale` is set).
-      prior: "standard", "learned" (diagonal Gaussian) or "mixture".
+      prior: "standard", "learned" (diagonal Gaussian), "mixture" (`num_components`
+        learned diagonal Gaussians) or "vamp" (the VampPrior over
+        `num_pseudo_inputs` learned pseudo-inputs, initialised uniform in [0, 1)).
       kind: "mlp" or "conv" (then `image_shape` is needed).
       init_scheme: dense initialisation, "lecun" (Flax) or "torch" (nn.Linear).
+      posterior: the family of q(z|x), one of `vaekl.posteriors.FAMILIES`.
+      iaf_steps, iaf_hidden, iaf_context: for posterior="iaf", the flow's steps, the
+        widths of each step's MADE hidden layers and the width of the encoder's
+        context h (0: an unconditioned flow).
     """
 
     latents: int
@@ -135,15 +144,21 @@ class VAE(nn.Module):
     kind: str = "mlp"
     image_shape: Sequence[int] = ()
     init_scheme: str = "lecun"
+    posterior: str = "diag"
+    iaf_steps: int = 2
+    iaf_hidden: Sequence[int] = (320,)
+    iaf_context: int = 20
+    num_pseudo_inputs: int = 500
 
     def setup(self):
+        enc_out = posteriors.encoder_outputs(self.posterior, self.latents, self.iaf_context)
         if self.kind == "conv":
             self.enc_torso = ConvTorso(self.image_shape, activation=self.activation)
-            self.enc_head = nn.Dense(2 * self.latents)
+            self.enc_head = nn.Dense(enc_out)
             self.dec_net = ConvHead(self.image_shape, self.image_shape[-1],
                                     activation=self.activation)
         else:
-            self.enc_net = MLP(self.hidden, 2 * self.latents, self.activation, self.init_scheme)
+            self.enc_net = MLP(self.hidden, enc_out, self.activation, self.init_scheme)
             self.dec_net = MLP(tuple(reversed(self.hidden)), self.data_dim, self.activation,
                                self.init_scheme)
         if self.likelihood == "gaussian" and self.fixed_log_scale is None:
@@ -161,12 +176,29 @@ class VAE(nn.Module):
                                           (self.num_components, self.latents))
             self.prior_log_vars = self.param("prior_log_vars", nn.initializers.zeros_init(),
                                              (self.num_components, self.latents))
+        elif self.prior == "vamp":
+            self.pseudo_inputs = self.param("pseudo_inputs", nn.initializers.uniform(1.0),
+                                            (self.num_pseudo_inputs, self.data_dim))
+        if self.posterior == "iaf":
+            self.iaf = self.param("iaf", posteriors.init_iaf, self.latents,
+                                  tuple(self.iaf_hidden), self.iaf_steps, self.iaf_context)
+
+    def _encoder_out(self, x):
+        return self.enc_head(self.enc_torso(x)) if self.kind == "conv" else self.enc_net(x)
 
     def encode(self, x):
-        """x [..., D] -> (mean, log_var), each [..., latents]."""
-        h = self.enc_head(self.enc_torso(x)) if self.kind == "conv" else self.enc_net(x)
-        mean, log_var = jnp.split(h, 2, axis=-1)
-        return mean, log_var
+        """x [..., D] -> (mean, log_var), each [..., latents]: the diagonal Gaussian head.
+
+        For posterior="diag" that is q(z|x); for "full" the log-variances are those of
+        L's diagonal (log L_ii^2), for "iaf" the flow's base. `encode_posterior` gives q.
+        """
+        out = self._encoder_out(x)
+        return out[..., :self.latents], out[..., self.latents:2 * self.latents]
+
+    def encode_posterior(self, x) -> posteriors.Posterior:
+        """x [..., D] -> q(z|x) as a `vaekl.posteriors` family with batch shape [...]."""
+        steps = self.iaf if self.posterior == "iaf" else ()
+        return posteriors.from_encoder(self.posterior, self._encoder_out(x), self.latents, steps)
 
     def decode(self, z):
         """z [..., latents] -> decoder output [..., D] (logits or Gaussian means)."""
@@ -189,11 +221,13 @@ class VAE(nn.Module):
             return DiagNormal(self.prior_mean, self.prior_log_var)
         if self.prior == "mixture":
             return MixtureOfGaussians(self.prior_logits, self.prior_means, self.prior_log_vars)
+        if self.prior == "vamp":
+            return posteriors.vamp_prior(self.encode_posterior(self.pseudo_inputs))
         return DiagNormal(0.0, 0.0)
 
     def __call__(self, x, z):
         """Touches every parameter (for `init`): x [B, D], z [B, latents]."""
-        return self.encode(x), self.log_likelihood(x, z[None]), self.get_prior()
+        return self.encode_posterior(x), self.log_likelihood(x, z[None]), self.get_prior()
 
 
 def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:

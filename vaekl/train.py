@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, validate
+from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, posteriors, validate
 from vaekl import config as config_lib
 from vaekl import workdir as workdir_lib
 
@@ -61,7 +61,10 @@ def create_model(config, train_data) -> models.VAE:
         activation=config.activation, likelihood=likelihood,
         fixed_log_scale=config.get("fixed_log_scale"), prior=config.prior,
         num_components=config.num_components, kind=config.kind,
-        image_shape=tuple(train_data.shape), init_scheme=config.init)
+        image_shape=tuple(train_data.shape), init_scheme=config.init,
+        posterior=config.posterior, iaf_steps=config.iaf_steps,
+        iaf_hidden=tuple(config.iaf_hidden), iaf_context=config.iaf_context,
+        num_pseudo_inputs=config.num_pseudo_inputs)
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -93,9 +96,10 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
 def make_loss_fn(model: models.VAE, config):
     """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars).
 
-    `config.objective` "elbo" is the ELBO with the KL term `config.kl` (and beta,
-    KL warm-up, free bits); the others are `vaekl.bounds` objectives, whose loss
-    is minus the bound and whose gradient is `config.grad_estimator`'s.
+    `config.objective` "elbo" is the ELBO of the posterior family `config.posterior`
+    with the KL term `config.kl` (and beta, KL warm-up, free bits); the others are
+    `vaekl.bounds` objectives, whose loss is minus the bound and whose gradient is
+    `config.grad_estimator`'s.
     """
     kl_term, num_samples = config.kl, config.num_samples
     beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
@@ -117,15 +121,14 @@ def make_loss_fn(model: models.VAE, config):
         return bound_loss_fn
 
     def loss_fn(params, x, key, step):
-        mean, log_var = model.apply(params, x, method=models.VAE.encode)
+        q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        bound = elbo.elbo(key, mean, log_var, log_lik, prior, kl=kl_term,
-                          num_samples=num_samples)
+        bound = elbo.posterior_elbo(key, q, log_lik, prior, kl=kl_term, num_samples=num_samples)
         beta_t = beta * jnp.minimum(1.0, (step + 1) / warmup) if warmup else beta
         if free_bits:
             # Kingma et al. (2016): each dimension's batch-mean KL counts at least free_bits.
-            per_dim = kl.analytic_per_dim(mean, log_var, prior=prior)
+            per_dim = kl.analytic_per_dim(q.mean, q.log_var, prior=prior)
             rate_term = jnp.sum(jnp.maximum(free_bits, jnp.mean(per_dim, axis=0)))
         else:
             rate_term = jnp.mean(bound.rate)
@@ -243,31 +246,53 @@ def _check_config(config, num_devices: int):
     for field, allowed in (("kl", elbo.KL_TERMS), ("objective", OBJECTIVES),
                            ("grad_estimator", bounds.GRAD_ESTIMATORS), ("optimizer", OPTIMIZERS),
                            ("schedule", SCHEDULES), ("on_nan", ON_NAN), ("prior", models.PRIORS),
+                           ("posterior", posteriors.FAMILIES),
                            ("kind", models.KINDS), ("activation", models.ACTIVATIONS),
                            ("init", models.INITS)):
         validate.config_choice(config, field, allowed)
     if config.get("likelihood"):
         validate.config_choice(config, "likelihood", models.LIKELIHOODS)
-    for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples"):
+    for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples",
+                  "iaf_steps", "num_pseudo_inputs"):
         validate.config_int(config, field, minimum=1)
-    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps"):
+    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps", "iaf_context"):
         validate.config_int(config, field, minimum=0)
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")
     if config.beta < 0 or config.free_bits < 0:
         raise ValueError("config.beta and config.free_bits: expected >= 0.")
-    if config.free_bits and (config.kl != "analytic" or config.prior != "standard"):
-        raise ValueError("config.free_bits: per-dimension free bits need kl='analytic' and"
-                         f" prior='standard' (got kl={config.kl!r}, prior={config.prior!r}).")
-    if config.prior == "mixture" and config.kl == "analytic":
-        raise ValueError("config.kl: 'analytic' has no closed form for prior='mixture'; use"
-                         " 'k1', 'k3' or 'stl'.")
+    if config.free_bits and (config.kl != "analytic" or config.prior != "standard"
+                             or config.posterior != "diag"):
+        raise ValueError("config.free_bits: per-dimension free bits need kl='analytic',"
+                         " prior='standard' and posterior='diag' (got kl="
+                         f"{config.kl!r}, prior={config.prior!r}, posterior={config.posterior!r}).")
+    _check_kl_term(config)
     _check_objective(config)
-    if any(not isinstance(h, int) or h < 1 for h in config.hidden):
-        raise ValueError(f"config.hidden: expected a tuple of ints >= 1, got {config.hidden!r}.")
+    for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
+        widths = config[field]
+        if any(not isinstance(h, int) or h < 1 for h in widths) or not (widths or allow_empty):
+            raise ValueError(f"config.{field}: expected a tuple of ints >= 1"
+                             f"{'' if allow_empty else ' (at least one)'}, got {widths!r}.")
     if config.batch_size % num_devices:
         raise ValueError(f"config.batch_size: {config.batch_size} must be divisible by the"
                          f" {num_devices} devices it is sharded over.")
+
+
+def _check_kl_term(config):
+    """config.kl applies to the (config.posterior, config.prior) pair (by `_check_config`)."""
+    terms = posteriors.kl_terms(config.posterior, config.prior in models.GAUSSIAN_PRIORS)
+    if config.objective == "elbo" and config.kl not in terms:
+        pair = (f"posterior={config.posterior!r} with prior={config.prior!r}"
+                f" ({posteriors.pair_name(config.posterior, config.prior)})")
+        reason = ("has no closed form for " if config.kl == "analytic"
+                  else "needs q's entropy in closed form, which is not known for ")
+        raise ValueError(f"config.kl: {config.kl!r} {reason}{pair}; the KL terms that work for"
+                         f" this pair: {terms}.")
+    if config.objective != "elbo" and config.posterior != "diag":
+        raise ValueError(
+            f"config.posterior: the objective {config.objective!r} (vaekl.bounds) takes a"
+            f" diagonal Gaussian q only; got posterior={config.posterior!r} (use"
+            " objective='elbo').")
 
 
 def _check_objective(config):

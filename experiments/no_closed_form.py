@@ -1,0 +1,330 @@
+"""Where the KL has no closed form: KL terms for flow posteriors, the VampPrior, full-covariance q.
+
+For each (posterior family, prior) pair of `config.pairs` (`vaekl.posteriors`:
+diag, full, iaf; priors standard, vamp, ...):
+
+(b) training: `config.train` trained with each KL term of `config.kls` that the
+    pair allows (`vaekl.posteriors.kl_terms`), `train.num_seeds` seeds in one
+    program, by `vaekl.train.train_and_evaluate(cfg, workdir/runs/<posterior>_<prior>_<kl>)`
+    (a finished run with the same config is read, not retrained). Rows: test ELBO
+    (analytic KL where the pair has one, k1 otherwise), the IWAE test
+    log-likelihood with `train.eval_importance_samples` draws, active units and
+    rate, as mean and std (ddof 0) over seeds.
+(a) estimators: at the model trained with kl = `config.estimate_kl` (seed
+    `train.seed`), on the first `num_examples` test examples, every KL term the pair
+    allows:
+      kl_reference     the closed form where there is one; otherwise the mean of
+                       `reference_draws` single draws of the lowest-variance unbiased
+                       term ("entropy" where q's entropy is closed form, else "k1"),
+                       with its standard error `reference_se`;
+      bias, bias_se    mean over examples of (mean of `num_draws` single-draw
+                       estimates - reference), and its Monte Carlo standard error;
+      std, std_over_k1 the root-mean-square over examples of one draw's standard
+                       deviation, and that over k1's (same draws for every term; "stl"
+                       has k1's values and differs in its gradient only);
+      encoder_grad_variance, encoder_grad_variance_over_k1
+                       the per-parameter variance of the negative ELBO's gradient in
+                       the encoder's weights (the flow's included) over `grad_draws`
+                       draws (`experiments.gradient_variance.measure`), for training
+                       with that term.
+    Where q is Gaussian and the prior a mixture, Hershey & Olsen's variational
+    approximation ("variational", closed form, not a bound) is reported beside them.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import compare_training, gradient_variance, report
+from experiments.moments import Moments
+from vaekl import checkpoint, elbo, models, posteriors
+from vaekl.priors import MixtureOfGaussians
+
+ESTIMATOR_COLUMNS = ("posterior", "prior", "kl", "kl_reference", "reference_se", "bias",
+                     "bias_se", "std", "std_over_k1", "encoder_grad_variance",
+                     "encoder_grad_variance_over_k1")
+TRAINING_COLUMNS = ("posterior", "prior", "kl", "test_elbo_mean", "test_elbo_std",
+                    "test_log_likelihood_mean", "test_log_likelihood_std", "active_units_mean",
+                    "test_rate_mean", "num_seeds")
+ENCODER_PARAMS = ("enc_net", "enc_torso", "enc_head", "iaf")
+
+
+def run_name(posterior: str, prior: str, kl: str) -> str:
+    return f"{posterior}_{prior}_{kl}"
+
+
+def pair_terms(posterior: str, prior: str, kls) -> tuple[str, ...]:
+    """The terms of `kls` that apply to the pair, in `kls`' order."""
+    allowed = posteriors.kl_terms(posterior, prior in models.GAUSSIAN_PRIORS)
+    return tuple(k for k in kls if k in allowed)
+
+
+def train_config(config, posterior: str, prior: str, kl: str):
+    cfg = config.train.copy_and_resolve_references()
+    cfg.posterior, cfg.prior, cfg.kl = posterior, prior, kl
+    return cfg
+
+
+def _train_or_read(config, workdir: Path, posterior, prior, kl) -> tuple[Path, dict]:
+    from vaekl import train
+
+    sub = workdir / "runs" / run_name(posterior, prior, kl)
+    cfg = train_config(config, posterior, prior, kl)
+    results = compare_training.finished_results(sub, cfg)
+    if results is None:
+        results = train.train_and_evaluate(cfg, str(sub))
+    return sub, results
+
+
+def training_rows(config, workdir: Path) -> list:
+    rows = []
+    for posterior, prior in config.pairs:
+        for kl in pair_terms(posterior, prior, config.kls):
+            sub, results = _train_or_read(config, workdir, posterior, prior, kl)
+            rows.append({"posterior": posterior, "prior": prior, "kl": kl,
+                         "num_seeds": results["num_seeds"], "steps": results["steps"],
+                         "train_wall_s": results["train_wall_s"],
+                         "run": str(sub.relative_to(workdir)),
+                         **compare_training.seed_figures(results, compare_training.SEED_FIELDS)})
+    return rows
+
+
+def _trained(config, workdir: Path, posterior, prior):
+    """(model, train config, params of the first seed, the fixed test batch) of the pair's
+    `estimate_kl` run, restored from its final checkpoint."""
+    from vaekl import train
+
+    sub, _ = _train_or_read(config, workdir, posterior, prior, config.estimate_kl)
+    cfg = train_config(config, posterior, prior, config.estimate_kl)
+    train_data, test_data = train.load_data(cfg)
+    model = train.create_model(cfg, train_data)
+    steps_per_epoch = len(train_data) // cfg.batch_size
+    tx = train.create_optimizer(cfg, steps_per_epoch)
+    keys, init, _ = train.training_fns(model, cfg, tx, data_dim=train_data.dim,
+                                       steps_per_epoch=steps_per_epoch,
+                                       binarize=train_data.dynamic_binarization)
+    # The state's shapes only (nothing is compiled), on this process's first device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            jax.eval_shape(init, keys))
+    ckpt = checkpoint.Checkpointer(sub / "checkpoints")
+    _, state = ckpt.restore_latest(template)
+    ckpt.close()
+    params = state.params
+    if cfg.num_seeds > 1:
+        params = jax.tree.map(lambda a: a[0], params)
+    return model, cfg, params, jnp.asarray(test_data.x[: config.num_examples])
+
+
+def _zero_log_likelihood(z):
+    """A decoder that contributes nothing: the bound's rate is then all that is computed."""
+    return jnp.zeros(z.shape[:-1], z.dtype)
+
+
+def _split_params(grads):
+    """(encoder and flow, decoder) parts of a gradient tree."""
+    p = grads["params"]
+    return {k: p[k] for k in ENCODER_PARAMS if k in p}, p["dec_net"]
+
+
+def _pair_fns(model, cfg, x, terms):
+    """Jitted functions of the parameters at the batch x, for the KL terms of one pair:
+
+      draws_of(names) -> a jitted (params, keys [n]) -> {name: single-draw estimates [n, B]}
+      closed_forms(params) -> {"analytic" and/or "variational": [B]} where they exist
+      grads(params, keys [n]) -> {term: encoder gradients of the negative ELBO [n, P]}
+    """
+    from vaekl import train
+
+    def q_and_prior(params):
+        return (model.apply(params, x, method=models.VAE.encode_posterior),
+                model.apply(params, method=models.VAE.get_prior))
+
+    def draws_of(names):
+        @jax.jit
+        def draws(params, keys):
+            q, prior = q_and_prior(params)
+            return jax.vmap(lambda key: {t: elbo.posterior_elbo(
+                key, q, _zero_log_likelihood, prior, kl=t).rate for t in names})(keys)
+
+        return draws
+
+    @jax.jit
+    def closed_forms(params):
+        q, prior = q_and_prior(params)
+        out = {"analytic": posteriors.analytic_kl(q, prior)} if "analytic" in terms else {}
+        if isinstance(prior, MixtureOfGaussians) and not isinstance(q, posteriors.IAF):
+            out["variational"] = posteriors.variational_kl(q, prior)
+        return out
+
+    losses = {}
+    for t in terms:
+        cfg_t = cfg.copy_and_resolve_references()
+        cfg_t.kl = t
+        losses[t] = train.make_loss_fn(model, cfg_t)
+
+    @jax.jit
+    def grads(params, keys):
+        return {t: gradient_variance.flatten(_split_params(jax.vmap(
+            jax.grad(lambda prm, k, loss=loss: loss(prm, x, k, 0)[0]), in_axes=(None, 0))(
+                params, keys))[0]) for t, loss in losses.items()}
+
+    return draws_of, closed_forms, grads
+
+
+def _moments(fn, params, key, num_draws: int, chunk: int) -> dict:
+    """{name: `experiments.moments.Moments` over draws} of fn(params, keys [chunk]) -> {name:
+    [chunk, ...]}, called ceil(num_draws / chunk) times (every call the same shape)."""
+    moments = {}
+    for i in range(-(-num_draws // chunk)):
+        for name, v in fn(params, jax.random.split(jax.random.fold_in(key, i), chunk)).items():
+            moments.setdefault(name, Moments()).add(v)
+    return moments
+
+
+def estimator_rows(config, workdir: Path, key) -> list:
+    """The rows of part (a): every KL term of every pair against its reference."""
+    if config.estimate_kl not in ("k1", "k3", "stl"):
+        raise ValueError(f"config.estimate_kl: expected 'k1', 'k3' or 'stl' (a term every pair"
+                         f" allows), got {config.estimate_kl!r}.")
+    rows = []
+    for pi, (posterior, prior) in enumerate(config.pairs):
+        model, cfg, params, x = _trained(config, workdir, posterior, prior)
+        keys = [jax.random.fold_in(jax.random.fold_in(key, pi), i) for i in range(3)]
+        terms = posteriors.kl_terms(posterior, prior in models.GAUSSIAN_PRIORS)
+        draws_of, closed_forms, grads = _pair_fns(model, cfg, x, terms)
+        # Draws per call: about `elbo.CHUNK_ELEMENTS` latent values.
+        cap = max(1, elbo.CHUNK_ELEMENTS // x.shape[0] // cfg.latents)
+        sampled = tuple(t for t in terms if t != "analytic")
+        moments = _moments(draws_of(sampled), params, keys[0], config.num_draws,
+                           min(config.num_draws, cap))
+        fixed = {t: np.asarray(v, np.float64) for t, v in closed_forms(params).items()}
+        if "analytic" in fixed:
+            reference_term, reference, reference_draws = "analytic", fixed["analytic"], 0
+            reference_var = np.zeros_like(reference)
+        else:
+            reference_term = "entropy" if "entropy" in terms else "k1"
+            ref = _moments(draws_of((reference_term,)), params, keys[1], config.reference_draws,
+                           min(config.reference_draws, cap))[reference_term]
+            reference, reference_draws = ref.mean, ref.n
+            reference_var = ref.m2 / (ref.n - 1) / ref.n
+        grad_moments = _moments(grads, params, keys[2], config.grad_draws, config.grad_chunk)
+        summary = {"reference_term": reference_term, "kl_reference": float(np.mean(reference)),
+                   "reference_se": float(np.sqrt(np.mean(reference_var) / reference.size)),
+                   "reference_draws": reference_draws}
+        variances = {t: m.m2 / (m.n - 1) for t, m in moments.items()}
+        variances.update({t: np.zeros_like(reference) for t in fixed})
+        k1_grad = gradient_variance._grad_figures(grad_moments["k1"], "encoder")[
+            "encoder_grad_variance"]
+        for t in list(fixed) + [t for t in terms if t in moments]:
+            mean = fixed[t] if t in fixed else moments[t].mean
+            draws_t = 0 if t in fixed else moments[t].n
+            se2 = variances[t] / draws_t if draws_t else 0.0
+            std = float(np.sqrt(np.mean(variances[t])))
+            row = {"posterior": posterior, "prior": prior, "kl": t, **summary,
+                   "bias": float(np.mean(mean - reference)),
+                   "bias_se": float(np.sqrt(np.mean(se2 + reference_var) / reference.size)),
+                   "std": std, "std_over_k1": std / float(np.sqrt(np.mean(variances["k1"]))),
+                   "approximation": t == "variational", "num_draws": draws_t}
+            if t in grad_moments:
+                g = gradient_variance._grad_figures(grad_moments[t], "encoder")
+                row.update(encoder_grad_variance=g["encoder_grad_variance"],
+                           encoder_snr=g["encoder_snr"],
+                           encoder_grad_variance_over_k1=g["encoder_grad_variance"] / k1_grad)
+            rows.append(row)
+    return rows
+
+
+def run(config, workdir: str) -> dict:
+    """Trains (or reads) every run and measures the KL terms; writes results.json, results.md
+    and no_closed_form.png."""
+    workdir = report.prepare_workdir(workdir)
+    training = training_rows(config, workdir)
+    estimators = estimator_rows(config, workdir, jax.random.key(config.seed))
+    cfg = config.train
+    results = {"experiment": "no_closed_form", "estimators": estimators, "training": training,
+               "dataset": cfg.dataset, "num_epochs": cfg.num_epochs, "num_seeds": cfg.num_seeds,
+               "eval_importance_samples": cfg.eval_importance_samples,
+               "estimate_kl": config.estimate_kl, "num_examples": config.num_examples}
+    report.write_json(workdir / "results.json", results)
+    (workdir / "results.md").write_text(_markdown(results, config))
+    _plot(results, workdir / "no_closed_form.png")
+    print(report.markdown_table(estimators, ESTIMATOR_COLUMNS))
+    print(report.markdown_table(training, TRAINING_COLUMNS))
+    return results
+
+
+def _markdown(results, config) -> str:
+    cfg = config.train
+    return (
+        "# Where the KL has no closed form\n\n"
+        f"`{cfg.dataset}`, {cfg.latents} latents, hidden {tuple(cfg.hidden)} {cfg.activation},"
+        f" batch {cfg.batch_size}, Adam {cfg.learning_rate}, {cfg.num_epochs} epochs,"
+        f" {cfg.num_seeds} seeds; IAF: {cfg.iaf_steps} steps, MADE hidden"
+        f" {tuple(cfg.iaf_hidden)}, context {cfg.iaf_context}; VampPrior:"
+        f" {cfg.num_pseudo_inputs} pseudo-inputs.\n\n"
+        "## KL terms at a trained model\n\n"
+        f"Each pair's model trained with kl={config.estimate_kl!r}; the first"
+        f" {config.num_examples} test examples. `kl_reference`: the closed form where there is"
+        f" one, else the mean of {config.reference_draws} draws of `reference_term`;"
+        " `bias` ± `bias_se` (Monte Carlo standard error) of the term's mean against it; `std`:"
+        " one draw's standard deviation (RMS over examples), and relative to k1's;"
+        " `encoder_grad_variance`: the per-parameter variance of the negative ELBO's gradient"
+        f" in the encoder (and flow) weights over {config.grad_draws} draws, and relative to"
+        " k1's. `variational` is Hershey & Olsen's closed-form approximation (not a bound, not"
+        " unbiased); `stl` has k1's values and its own gradient. k3's `bias_se` understates"
+        " its error where the KL is large: E_q r = 1 is then carried by rare draws with"
+        " r = p/q >> 1, which a finite sample seldom holds, so k3 reads about k1 - 1 there."
+        " For a Gaussian q, `entropy` has k1's gradient (log q(z) written in eps is"
+        " log N(eps) - log |det L|, whose gradient is -H(q)'s): it changes the estimate's"
+        " value, not training.\n\n"
+        + report.markdown_table(results["estimators"], ESTIMATOR_COLUMNS)
+        + "\n## Training outcomes\n\n"
+        "Test ELBO (analytic KL where the pair has one, k1 otherwise), IWAE log-likelihood"
+        f" with {cfg.eval_importance_samples} samples, active units (Cov_x E_q z > 0.01; for"
+        " the flow the image of its base's mean) and rate; nats per example, mean and std over"
+        " seeds.\n\n"
+        + report.markdown_table(results["training"], TRAINING_COLUMNS))
+
+
+def _plot(results, path: Path):
+    plt = report.pyplot()
+    est = results["estimators"]
+    pairs = list(dict.fromkeys((r["posterior"], r["prior"]) for r in est))
+    terms = list(dict.fromkeys(r["kl"] for r in est))
+    by = {(r["posterior"], r["prior"], r["kl"]): r for r in est}
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    width = 0.8 / max(len(terms), 1)
+    labels = [f"{a}\n{b}" for a, b in pairs]
+    for ax, field, title in ((axes[0], "std_over_k1", "std of one draw, relative to k1"),
+                             (axes[1], "encoder_grad_variance_over_k1",
+                              "encoder gradient variance, relative to k1")):
+        for j, t in enumerate(terms):
+            xs = np.arange(len(pairs)) + (j - (len(terms) - 1) / 2) * width
+            values = [by.get(pr + (t,), {}).get(field) for pr in pairs]
+            shown = [v if v else np.nan for v in values]  # 0 (analytic) has no log-scale bar.
+            ax.bar(xs, shown, width, label=t)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(pairs)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(f"{title} (log scale; missing: zero or n/a)", fontsize=10)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.legend(title="KL term", fontsize=8)
+    rows = results["training"]
+    ax = axes[2]
+    names = [f"{r['posterior']}/{r['prior']}\n{r['kl']}" for r in rows]
+    means = [r.get("test_log_likelihood_mean", r.get("test_elbo_mean")) for r in rows]
+    stds = [r.get("test_log_likelihood_std", r.get("test_elbo_std")) for r in rows]
+    ax.errorbar(np.arange(len(rows)), means, yerr=stds, fmt="o", capsize=3)
+    ax.set_xticks(np.arange(len(rows)))
+    ax.set_xticklabels(names, fontsize=7, rotation=60)
+    measure = ("IWAE-%d log-likelihood" % results["eval_importance_samples"]
+               if results["eval_importance_samples"] else "test ELBO")
+    ax.set_ylabel(f"{measure} [nats per example]")
+    ax.set_title(f"{results['dataset']}: {measure}, mean ± std over {results['num_seeds']}"
+                 " seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    report.save_figure(fig, path)
+

@@ -1,0 +1,155 @@
+"""Training with each posterior family and prior, the config checks, the sweep, and the
+`no_closed_form` experiment end to end (its quick config, on `digits`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import main
+from experiments.configs import no_closed_form as no_closed_form_config
+from experiments.configs import train as train_config
+from launch import sweeps
+from vaekl import models, posteriors, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    config = train_config.get_config("quick")
+    config.latents, config.hidden, config.num_epochs = 3, (32,), 1
+    config.iaf_hidden, config.iaf_context, config.num_pseudo_inputs = (16,), 4, 8
+    config.eval_importance_samples = 10
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+@pytest.mark.parametrize("posterior, prior, kl", [
+    ("diag", "vamp", "entropy"), ("full", "standard", "analytic"), ("full", "learned", "entropy"),
+    ("full", "mixture", "stl"), ("iaf", "standard", "k1"), ("iaf", "vamp", "stl"),
+    ("iaf", "learned", "k3")])
+def test_each_family_and_prior_trains(posterior, prior, kl):
+    """One epoch of train.py's own jitted steps on digits: finite, and the loss falls."""
+    config = tiny_config(posterior=posterior, prior=prior, kl=kl, learning_rate=3e-3)
+    train._check_config(config, 1)
+    train_data, _ = train.load_data(config)
+    model = train.create_model(config, train_data)
+    steps = len(train_data) // config.batch_size
+    tx = train.create_optimizer(config, steps)
+    keys, init, epoch = train.training_fns(model, config, tx, data_dim=train_data.dim,
+                                           steps_per_epoch=steps, binarize=False)
+    state, metrics = epoch(init(keys), keys, 0, jnp.asarray(train_data.x))
+    loss = np.asarray(metrics["loss"])
+    assert np.all(np.isfinite(loss)) and int(state.step) == steps
+    assert loss[-5:].mean() < loss[:5].mean()
+    q = model.apply(state.params, train_data.x[:2], method=models.VAE.encode_posterior)
+    assert q.family == posterior
+
+
+@pytest.mark.parametrize("overrides, pieces", [
+    ({"posterior": "iaf", "kl": "analytic"},
+     ["config.kl", "'analytic' has no closed form", "posterior='iaf'", "('k1', 'k3', 'stl')"]),
+    ({"posterior": "diag", "prior": "vamp", "kl": "analytic"},
+     ["config.kl", "prior='vamp'", "('k1', 'k3', 'stl', 'entropy')"]),
+    ({"posterior": "full", "prior": "mixture", "kl": "analytic"},
+     ["config.kl", "posterior='full'", "prior='mixture'", "('k1', 'k3', 'stl', 'entropy')"]),
+    ({"posterior": "iaf", "prior": "vamp", "kl": "entropy"},
+     ["config.kl", "'entropy'", "posterior='iaf'", "('k1', 'k3', 'stl')"]),
+    ({"posterior": "full", "objective": "iwae", "num_samples": 5}, ["config.posterior", "diag"]),
+    ({"posterior": "flow"}, ["config.posterior", "'iaf'"]),
+    ({"iaf_hidden": ()}, ["config.iaf_hidden"]),
+    ({"num_pseudo_inputs": 0}, ["config.num_pseudo_inputs"]),
+    ({"posterior": "full", "free_bits": 0.5}, ["config.free_bits", "posterior='diag'"]),
+])
+def test_a_pair_without_the_term_fails_at_once_naming_it(tmp_path, overrides, pieces):
+    with pytest.raises(ValueError) as info:
+        train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+    for piece in pieces:
+        assert piece in str(info.value), (piece, str(info.value))
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_lists_the_terms_each_pair_allows_and_every_run_is_a_valid_config():
+    sweep = sweeps.get("no_closed_form")
+    for (q, p), terms in sweeps._NO_CLOSED_FORM_TERMS.items():
+        assert tuple(terms) == posteriors.kl_terms(q, p in models.GAUSSIAN_PRIORS), (q, p)
+    pairs = {(r["posterior"], r["prior"]) for r in sweep.runs}
+    assert {q for q, _ in pairs} == set(posteriors.FAMILIES)
+    assert {"standard", "vamp"} <= {p for _, p in pairs}
+    path, _, arg = sweep.config.partition(":")
+    assert path == "experiments/configs/train.py"
+    for run in sweep.runs:
+        config = train_config.get_config(arg)
+        config.update({**sweep.fixed, **run})
+        train._check_config(config, 1)
+
+
+def test_command_line_trains_an_iaf_with_the_vamp_prior(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.main", "--config=experiments/configs/train.py:quick",
+         f"--workdir={tmp_path}", "--config.posterior=iaf", "--config.prior=vamp",
+         "--config.kl=stl", "--config.num_epochs=1", "--config.iaf_hidden=(16,)",
+         "--config.iaf_steps=1", "--config.num_pseudo_inputs=8", "--config.latents=3",
+         "--config.eval_importance_samples=10"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["posterior"], saved["prior"], saved["kl"]) == ("iaf", "vamp", "stl")
+    assert np.isfinite(results["test_log_likelihood"]) and np.isfinite(results["test_elbo"])
+
+
+# --- The experiment, end to end. ---
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("no_closed_form")
+    config = no_closed_form_config.get_config("quick")
+    return workdir, config, main.run(config, str(workdir))
+
+
+def test_experiment_writes_its_files_and_a_row_per_run(experiment):
+    workdir, config, results = experiment
+    for name in ("results.json", "results.md", "no_closed_form.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    assert json.loads((workdir / "results.json").read_text()) == json.loads(json.dumps(results))
+    runs = {(r["posterior"], r["prior"], r["kl"]) for r in results["training"]}
+    assert runs == {(q, p, k) for q, p in config.pairs for k in config.kls}
+    for row in results["training"]:
+        assert row["num_seeds"] == config.train.num_seeds
+        assert len(row["test_log_likelihood_seeds"]) == config.train.num_seeds
+        # IWAE >= ELBO up to the noise of a few hundred test examples.
+        assert row["test_log_likelihood_mean"] > row["test_elbo_mean"] - 0.5
+    md = (workdir / "results.md").read_text()
+    assert "| full | vamp | entropy |" in md and "| iaf | standard | stl |" in md
+
+
+def test_experiment_measures_every_term_of_every_pair(experiment):
+    _, config, results = experiment
+    by = {(r["posterior"], r["prior"], r["kl"]): r for r in results["estimators"]}
+    for q, p in config.pairs:
+        terms = posteriors.kl_terms(q, p in models.GAUSSIAN_PRIORS)
+        extra = ("variational",) if q != "iaf" and p not in models.GAUSSIAN_PRIORS else ()
+        assert {k for (qq, pp, k) in by if (qq, pp) == (q, p)} == set(terms + extra)
+        k1 = by[(q, p, "k1")]
+        assert k1["std_over_k1"] == 1.0 and k1["encoder_grad_variance_over_k1"] == 1.0
+        # STL has k1's values; its gradient differs.
+        assert by[(q, p, "stl")]["bias"] == pytest.approx(k1["bias"], abs=1e-5)
+        for t in terms:
+            row = by[(q, p, t)]
+            assert row["std"] > 0 and row["encoder_grad_variance"] > 0
+            # Every term is unbiased: within 5 Monte Carlo standard errors of the reference.
+            assert abs(row["bias"]) < 5 * row["bias_se"], row
+        if "entropy" in terms:
+            # For a Gaussian q, log q written in eps makes k1's gradient the entropy term's.
+            assert by[(q, p, "entropy")]["encoder_grad_variance_over_k1"] == pytest.approx(
+                1.0, rel=1e-4)
+    assert by[("full", "vamp", "variational")]["approximation"] is True
+    assert by[("full", "vamp", "variational")]["std"] == 0.0

@@ -310,7 +310,7 @@ def test_help_lists_the_experiments_and_the_presets_of_each_config_file():
 
 def test_help_with_a_config_lists_its_fields_values_and_a_line_each():
     text = _help("--config=experiments/configs/train.py:quick")
-    assert re.search(r"^  --config\.kl='analytic' +The KL term, one of", text, re.M)
+    assert re.search(r"^  --config\.kl='analytic' +The ELBO's KL term, one of", text, re.M)
     assert re.search(r"^  --config\.num_epochs=3 +Passes over", text, re.M)  # The preset's.
     assert re.search(r"^  --config\.data_dir=None +tfds data_dir", text, re.M)
     nested = _help("--config=experiments/configs/compare_training.py")

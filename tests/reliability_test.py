@@ -200,7 +200,7 @@ BAD_INPUTS = [
          ["--config:", "no such file", "nope.py"]),
     case("cli/unknown-preset",
          _main("--config=experiments/configs/train.py:bogus", "--workdir={w}"),
-         ["--config:", "unknown preset 'bogus'", "quick, flax, iwae, linear"]),
+         ["--config:", "unknown preset 'bogus'", "quick, flax, iwae, iwae_k5", "linear"]),
     case("cli/no-workdir", _main(TRAIN), ["--workdir", "must have a value"]),
     case("cli/stray-argument", _main(TRAIN, "--workdir={w}", "stray"),
          ["unexpected arguments", "stray"]),

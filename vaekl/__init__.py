@@ -15,8 +15,8 @@ __all__ = ["checked", "elbo", "kl", "posteriors", "priors"]
 __version__ = "0.1.0"
 
 # The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.
-LAZY_MODULES = ("checkpoint", "config", "data", "evaluate", "linear_gaussian", "logs",
-                "models", "native", "prepare", "train", "validate", "workdir")
+LAZY_MODULES = ("bounds", "checkpoint", "config", "data", "evaluate", "linear_gaussian", "logs",
+                "models", "prepare", "train", "validate", "workdir")
 
 
 def __getattr__(name: str):

@@ -62,7 +62,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
     # Objective.
     c.objective = "elbo"  # The training objective: elbo or one of vaekl.bounds.OBJECTIVES.
-    c.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS (analytic, k1, k3, stl, entropy).
+    c.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS (k1, k3, stl, ...).
     c.num_samples = 1  # K: draws of z averaged (elbo) or inside each bound.
     c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam, stl or dreg.
     c.outer_samples = 1  # M, the bounds averaged by miwae and piwae.

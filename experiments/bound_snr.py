@@ -85,9 +85,10 @@ def _chunk(config, k, per_draw):
     return max(1, min(config.num_draws_cap, config.chunk_elements // (k * per_draw)))
 
 
-def _snr_rows(model, checkpoint, loss_for, split, params, key, config, num_draws, per_draw):
+def _snr_rows(model, checkpoint, loss_for, split, params, key, config, num_draws, per_draw,
+              ks):
     rows = []
-    for k in config.num_importance:
+    for k in ks:
         for estimator in config.estimators:
             m = _moments(loss_for(k, estimator), split, params, jax.random.fold_in(key, k),
                          num_draws=num_draws, chunk=_chunk(config, k, per_draw))
@@ -142,7 +143,7 @@ def toy_rows(config, key) -> list:
             loss_for = _toy_loss_for(jnp.asarray(x), config.toy_dim)
             rows += _snr_rows("gaussian_toy", f"perturbation={s:g}", loss_for, _toy_split, params,
                               jax.random.fold_in(key, i), config, config.toy_draws,
-                              config.toy_dim * config.toy_num_data)
+                              config.toy_dim * config.toy_num_data, config.num_importance)
     return rows
 
 
@@ -205,7 +206,8 @@ def vae_rows(config, key) -> list:
     for i, name in enumerate(("init", "converged")):
         rows += _snr_rows("vae", names[name], loss_for, split, checkpoints[name],
                           jax.random.fold_in(key, i), config, config.vae_draws,
-                          config.vae_batch_size * (sum(config.train.hidden) + x.shape[-1]))
+                          config.vae_batch_size * (sum(config.train.hidden) + x.shape[-1]),
+                          config.vae_num_importance)
     return rows
 
 

@@ -42,6 +42,7 @@ def get_config(arg=None):
     c.vae_epochs = 1 if quick else 5  # Epochs of the trained checkpoint.
     c.vae_batch_size = 10  # The fixed batch: the first test images.
     c.vae_draws = 200 if quick else 1000  # Gradient draws per (K, estimator); 0: no VAE.
+    c.vae_num_importance = c.num_importance  # The VAE's Ks (its cost grows with K).
     # Bias of STL and DReG against reparam on the toy (perturbation s = 0.1).
     c.bias_ks = (1, 10) if quick else (1, 10, 100)  # The Ks of the bias check.
     c.bias_perturbation = 0.1  # The toy's perturbation there.

@@ -21,18 +21,21 @@ PAIRS = (("diag", "standard"), ("diag", "vamp"), ("full", "standard"), ("full", 
          ("iaf", "standard"), ("iaf", "vamp"))
 
 
+PRESETS = presets.QUICK
+
+
 def get_config(arg=None):
-    quick = presets.is_quick("no_closed_form", arg)
+    quick = presets.check("no_closed_form", arg, PRESETS) == "quick"
     config = ml_collections.ConfigDict()
-    config.experiment = "no_closed_form"
-    config.seed = 0
+    config.experiment = "no_closed_form"  # What runs: experiments/no_closed_form.py.
+    config.seed = 0  # The base key of every draw.
     # quick: the two new families and the two priors, each once.
-    config.pairs = (("full", "vamp"), ("iaf", "standard")) if quick else PAIRS
-    config.kls = ("k1",) if quick else ("analytic", "k1", "k3", "stl", "entropy")
+    config.pairs = (("full", "vamp"), ("iaf", "standard")) if quick else PAIRS  # (q, prior).
+    config.kls = ("k1",) if quick else ("analytic", "k1", "k3", "stl", "entropy")  # Trained.
     config.estimate_kl = "k1"  # The run whose model the estimators are measured at.
     config.num_examples = 8 if quick else 16  # The first test examples.
     config.num_draws = 400 if quick else 10_000  # Single-draw estimates per example and term.
-    config.reference_draws = 4_000 if quick else 1_000_000
+    config.reference_draws = 4_000 if quick else 1_000_000  # Draws of the sampled reference.
     config.grad_draws = 20 if quick else 500  # Gradient draws per term.
     config.grad_chunk = 20 if quick else 50  # Gradient draws per device call.
     if quick:
@@ -47,5 +50,5 @@ def get_config(arg=None):
         train.eval_importance_samples = 5000
         train.eval_elbo_samples = 10
     train.checkpoint_every_secs = 1e9  # Only the final checkpoint.
-    config.train = train
+    config.train = train  # The runs' training config (train.py's fields).
     return config

@@ -48,8 +48,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from vaekl.interrupt import Interrupted
+
     try:
         run(FLAGS.config, FLAGS.workdir)
+    except Interrupted as e:  # SIGINT/SIGTERM: checkpointed; one line, status 130/143.
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         # Bad input and divergence end the run with their message, not a traceback.
         logging.error("%s: %s", type(e).__name__, e)

@@ -6,6 +6,7 @@ Both run each run with `runs.start` / `runs.finish`, i.e. the same
 
 import os
 import shlex
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,16 +20,21 @@ def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2) 
     A failing run does not stop the others. With `parallel` > 1 the runs share the
     machine's accelerators, so JAX's preallocation of 75% of GPU memory per process is
     turned off (XLA_PYTHON_CLIENT_PREALLOCATE=false) unless the environment sets it.
-    On KeyboardInterrupt the running subprocesses are terminated and recorded as
-    interrupted (a rerun resumes them).
+    Progress (runs done, running, left) is logged at most once a minute. On
+    KeyboardInterrupt the running subprocesses are terminated (a training run first
+    checkpoints) and recorded as interrupted (a rerun resumes them).
 
     Returns:
-      run name -> "done" or "failed".
+      run name -> "done", "failed" or "interrupted" (a run stopped by a signal).
     """
+    from vaekl import progress as progress_lib
+
     env = dict(os.environ)
     if parallel > 1:
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     queue, active, ended = list(runs), {}, {}
+    progress = progress_lib.Progress("sweep", len(runs), unit="runs", every_s=60.0,
+                                     first_is_warmup=False)
     try:
         while queue or active:
             while queue and len(active) < parallel:
@@ -36,11 +42,14 @@ def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2) 
                 active[run.name] = (run, runs_lib.start(run, env=env))
                 print(f"started  {run.name}", flush=True)
             time.sleep(poll_s)
+            finished = 0
             for name, (run, proc) in list(active.items()):
                 if proc.poll() is not None:
-                    ended[name] = runs_lib.finish(run, proc)
+                    ended[name] = runs_lib.finish(run, proc.returncode)
                     del active[name]
+                    finished += 1
                     print(f"{ended[name]:8} {name}", flush=True)
+            progress.advance(finished, running=len(active), left=len(queue))
     except KeyboardInterrupt:
         for run, proc in active.values():
             proc.terminate()
@@ -50,26 +59,72 @@ def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2) 
     return ended
 
 
-def slurm_job(run: runs_lib.Run) -> str:
-    """The function each Slurm job runs: one attempt of `run` (in a subprocess).
+class SlurmJob:
+    """What each Slurm job runs: one attempt of a run, in a subprocess.
 
-    Raises:
-      RuntimeError: when the run fails, so that Slurm and submitit see a failed job.
+    Slurm sends its warning signal (USR2, `signal_delay_s` before the time limit) to
+    every process of the job. The run's subprocess ignores it; submitit's handler in the
+    job calls `checkpoint`, which sends the run SIGTERM, waits until it has written its
+    checkpoint and exited, and hands submitit the same call to requeue: the requeued job
+    resumes the run.
     """
-    import submitit
 
-    cluster = os.environ.get("SUBMITIT_EXECUTOR", "slurm")
-    status = runs_lib.execute(run, executor="slurm", cluster=cluster,
-                              job_id=submitit.JobEnvironment().job_id)
-    if status != runs_lib.DONE:
-        raise RuntimeError(f"run {run.name} failed; log: {run.log}")
-    return status
+    def __init__(self):
+        self._proc = None
+
+    def __call__(self, run: runs_lib.Run) -> str:
+        """Runs `run` to its end; returns "done".
+
+        Raises:
+          RuntimeError: when the run fails or is interrupted, so that Slurm and
+            submitit see an unfinished job.
+        """
+        import submitit
+
+        cluster = os.environ.get("SUBMITIT_EXECUTOR", "slurm")
+        previous = signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # Inherited by the run.
+        try:
+            self._proc = runs_lib.start(run, executor="slurm", cluster=cluster,
+                                        job_id=submitit.JobEnvironment().job_id)
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+        self._proc.wait()
+        status = runs_lib.finish(run, self._proc.returncode)
+        if status != runs_lib.DONE:
+            raise RuntimeError(f"run {run.name} {status}; log: {run.log}")
+        return status
+
+    def checkpoint(self, run: runs_lib.Run):
+        """On the warning signal: stops the run with a checkpoint; returns the call to requeue.
+
+        Runs as a signal handler, possibly inside `Popen.wait` of `__call__`, whose lock
+        it must not take: it waits for the exit with `os.waitid` and leaves the process
+        to be reaped there.
+        """
+        from submitit.helpers import DelayedSubmission
+
+        proc = self._proc
+        if proc is not None:
+            returncode = proc.returncode
+            if returncode is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                returncode = _exit_status(os.waitid(os.P_PID, proc.pid,
+                                                    os.WEXITED | os.WNOWAIT))
+            if runs_lib.finish(run, returncode) == runs_lib.DONE:
+                return None  # It finished meanwhile: nothing to requeue.
+            runs_lib.mark_requeued(run)
+        return DelayedSubmission(SlurmJob(), run)
+
+
+def _exit_status(info) -> int:
+    """A `waitid` result as a Popen return code: the exit status, or -signal if killed."""
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 def submit_slurm(runs: Sequence[runs_lib.Run], folder: Path, *, cluster: str = "slurm",
                  partition: str | None = None, time_min: int = 60, gpus: int = 0,
                  cpus: int | None = None, parallel: int | None = None,
-                 name: str = "vaekl") -> list:
+                 name: str = "vaekl", signal_delay_s: int = 120) -> list:
     """Submits `runs` as one job array (one job per run) through submitit.
 
     Args:
@@ -83,6 +138,9 @@ def submit_slurm(runs: Sequence[runs_lib.Run], folder: Path, *, cluster: str = "
       cpus: CPUs per task; None: the cluster's default.
       parallel: the most array jobs running at once; None: no limit.
       name: the Slurm job name.
+      signal_delay_s: how long before the time limit Slurm sends its warning signal,
+        on which a run checkpoints and its job is requeued (`SlurmJob`): enough for
+        an epoch and a checkpoint.
 
     Returns:
       The submitit jobs, in the order of `runs`.
@@ -99,16 +157,16 @@ def submit_slurm(runs: Sequence[runs_lib.Run], folder: Path, *, cluster: str = "
     except RuntimeError as e:
         raise ValueError(f"--executor=slurm: {e} (submitit's local executor runs the same jobs"
                          " as local processes: --submitit_cluster=local).") from None
-    # Jobs unpickle `launch.executors.slurm_job`, so they start in the repository root.
+    # Jobs unpickle `launch.executors.SlurmJob`, so they start in the repository root.
     setup = [f"cd {shlex.quote(str(runs_lib.REPO_ROOT))}"]
     executor.update_parameters(
         name=name, timeout_min=time_min, gpus_per_node=gpus or None, cpus_per_task=cpus,
         slurm_partition=partition, slurm_array_parallelism=parallel or len(runs),
-        slurm_setup=setup, local_setup=setup)
+        slurm_setup=setup, local_setup=setup, slurm_signal_delay_s=signal_delay_s)
     for run in runs:
         runs_lib.mark_submitted(run)
     try:
-        jobs = executor.map_array(slurm_job, runs)
+        jobs = executor.map_array(SlurmJob(), runs)
     except submitit.core.utils.FailedJobError as e:
         message = str(e).strip()
         for run in runs:

@@ -17,8 +17,9 @@ The state of a run (`state`) follows from those files:
                another host, its Slurm job is in `squeue`)
   queued       submitted to Slurm and the job is waiting in the queue
   failed       the last attempt exited non-zero (or exited 0 without results.json)
-  interrupted  launch.json says running or submitted but nothing is alive: a killed
-               launcher, a cancelled or timed-out job; rerunning resumes it
+  interrupted  the last attempt was stopped by SIGINT or SIGTERM (exit status 130 or 143,
+               after its checkpoint), or launch.json says running or submitted but nothing
+               is alive: a killed launcher, a cancelled or timed-out job; rerunning resumes it
   pending      never started
 """
 
@@ -27,6 +28,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +42,10 @@ HOST = socket.gethostname()
 DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, PENDING = (
     "done", "running", "queued", "failed", "interrupted", "pending")
 STATES = (DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, PENDING)
+# Return codes of a run that SIGINT or SIGTERM stopped: vaekl's training exits 128 + the
+# signal after its checkpoint; before training began the signal itself ends the process.
+INTERRUPTED_CODES = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM",
+                     -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,25 +186,27 @@ def start(run: Run, *, executor: str = "local", cluster: str | None = None,
     return proc
 
 
-def finish(run: Run, proc: subprocess.Popen) -> str:
-    """Records the end of an attempt whose process has exited; returns "done" or "failed".
+def finish(run: Run, returncode: int) -> str:
+    """Records the end of an attempt that exited with `returncode`; returns its status.
 
-    A run that exits 0 without writing results.json is failed. The log gets a last line
-    `=== done|failed at TIME: exit code N`.
+    "done", "failed", or "interrupted" for a run that SIGINT or SIGTERM stopped (exit
+    status 130 or 143 after its checkpoint, or killed by the signal before training began),
+    which a rerun resumes. A run that exits 0 without writing results.json is failed.
+    The log gets a last line `=== STATUS at TIME: exit code N`.
     """
-    returncode = proc.returncode
     record = read_record(run)
-    error = None
-    if returncode != 0:
-        error = f"exit code {returncode}"
+    error, status = None, DONE
+    if returncode in INTERRUPTED_CODES:
+        error, status = f"exit code {returncode}: {INTERRUPTED_CODES[returncode]}", INTERRUPTED
+    elif returncode != 0:
+        error, status = f"exit code {returncode}", FAILED
     elif not run.results.exists():
-        error = "exit code 0 but no results.json"
-    record.update(status=FAILED if error else DONE, returncode=returncode, end_time=now(),
-                  error=error)
+        error, status = "exit code 0 but no results.json", FAILED
+    record.update(status=status, returncode=returncode, end_time=now(), error=error)
     with open(run.log, "a") as log:
-        log.write(f"=== {record['status']} at {record['end_time']}: {error or 'exit code 0'}\n")
+        log.write(f"=== {status} at {record['end_time']}: {error or 'exit code 0'}\n")
     _write_json(run.record_path, record)
-    return record["status"]
+    return status
 
 
 def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
@@ -211,11 +219,11 @@ def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
         log.write(f"=== interrupted at {record['end_time']}: stopped by the launcher\n")
 
 
-def execute(run: Run, *, executor: str, cluster: str | None, job_id: str | None) -> str:
-    """Runs one attempt of `run` to its end; returns "done" or "failed"."""
-    proc = start(run, executor=executor, cluster=cluster, job_id=job_id)
-    proc.wait()
-    return finish(run, proc)
+def mark_requeued(run: Run) -> None:
+    """Records that `run`'s Slurm job is being requeued after it stopped the run (queued)."""
+    record = read_record(run)
+    record.update(status="submitted", error="requeued after Slurm's warning signal")
+    _write_json(run.record_path, record)
 
 
 def mark_submitted(run: Run) -> None:

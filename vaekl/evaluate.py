@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vaekl import elbo, kl, linear_gaussian, models
+from vaekl import progress as progress_lib
 from vaekl.priors import DiagNormal
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
@@ -98,11 +99,13 @@ class Evaluator:
             one_batch = jax.vmap(one_batch, in_axes=(0, None, 0))
         return jax.jit(one_batch)
 
-    def _per_example(self, params, importance_samples: int) -> dict:
+    def _per_example(self, params, importance_samples: int, stop=None) -> dict:
         """Figures per test example, [N, ...] (or [seeds, N, ...]), as NumPy arrays.
 
         A Python loop over test batches, one device call each: memory stays that
-        of one batch (with `eval_chunk_size` importance samples at a time).
+        of one batch (with `eval_chunk_size` importance samples at a time). Progress
+        is logged once it has taken 5 s; `stop()`, if given, is called after each batch
+        (it raises to abandon the evaluation).
         """
         fn = self._batch_fn(importance_samples)
         num_batches = self._x.shape[0]
@@ -110,19 +113,25 @@ class Evaluator:
         keys = (jax.vmap(split)(self._keys["eval"]) if self._vmapped
                 else split(self._keys["eval"]))
         axis = 1 if self._vmapped else 0
-        # Fetching each batch before the next is dispatched keeps one batch in flight.
-        outs = [jax.tree.map(np.asarray, fn(params, self._x[i],
-                                            keys[:, i] if self._vmapped else keys[i]))
-                for i in range(num_batches)]
+        what = f"eval (IWAE-{importance_samples})" if importance_samples else "eval"
+        progress = progress_lib.Progress(what, num_batches, unit="batches", quiet_s=5.0)
+        outs = []
+        for i in range(num_batches):
+            # Fetching each batch before the next is dispatched keeps one batch in flight.
+            outs.append(jax.tree.map(np.asarray, fn(params, self._x[i],
+                                                    keys[:, i] if self._vmapped else keys[i])))
+            progress.advance(1)
+            if stop is not None:
+                stop()
         return {k: np.concatenate([o[k] for o in outs], axis).take(np.arange(self._n), axis)
                 for k in outs[0]}
 
-    def summary(self, params, *, importance_samples: int) -> dict:
+    def summary(self, params, *, importance_samples: int, stop=None) -> dict:
         """Scalars (lists over seeds when vmapped): test ELBO, rate, distortion, ...
 
-        `importance_samples` = 0 skips the IWAE estimate.
+        `importance_samples` = 0 skips the IWAE estimate; `stop` as in `_per_example`.
         """
-        out = self._per_example(params, importance_samples)
+        out = self._per_example(params, importance_samples, stop)
         figures = {
             "test_elbo": out["elbo"].mean(-1),
             "test_rate": out["rate"].mean(-1),
@@ -152,10 +161,12 @@ class Evaluator:
         stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items() if k != "per_dim_kl"}
         return {**means, **stds, **extra, "seeds": seeds}
 
-    def write_images(self, workdir: Path, params, keys) -> None:
-        """reconstructions.png (test images over their reconstructions) and samples.png."""
-        from PIL import Image
+    def images(self, params, keys) -> dict:
+        """{"reconstructions": test images over their reconstructions, "samples": ...}.
 
+        Each a grid [rows * (H + 1), cols * (W + 1)] of grey values in [0, 1] (seed 0's
+        when vmapped): 16 test images above their reconstructions, and 64 samples.
+        """
         if self._vmapped:
             params, keys = jax.tree.map(lambda v: v[0], (params, keys))
         model = self._model
@@ -170,12 +181,9 @@ class Evaluator:
         else:
             z = prior.sample(z_key, (64,))
         samples = self._mean_image(model.apply(params, z, method=models.VAE.decode))
-        for name, images, cols in (("reconstructions", np.concatenate([x, recon]), 16),
-                                   ("samples", samples, 8)):
-            grid = _grid(np.asarray(images).reshape((-1,) + self._shape[:2]), cols)
-            Image.fromarray((255 * np.clip(grid, 0, 1)).astype(np.uint8)).resize(
-                (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-                    workdir / f"{name}.png")
+        return {name: _grid(np.asarray(images).reshape((-1,) + self._shape[:2]), cols)
+                for name, images, cols in (("reconstructions", np.concatenate([x, recon]), 16),
+                                           ("samples", samples, 8))}
 
     def _mean_image(self, out):
         return jax.nn.sigmoid(out) if self._likelihood == "bernoulli" else out
@@ -190,3 +198,39 @@ def _grid(images: np.ndarray, cols: int) -> np.ndarray:
         r, c = divmod(i, cols)
         grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = img
     return grid
+
+
+def write_learning_curve(rows: list[dict], path: Path, *, title: str) -> None:
+    """A PNG of the train ELBO against the step, with the eval figures as points.
+
+    Args:
+      rows: metrics.jsonl rows (`workdir.read_metrics`); a figure that is a list holds
+        one value per seed, each drawn.
+      path: the PNG to write.
+      title: the figure's title (data set, KL term, epochs).
+    """
+    from matplotlib.figure import Figure  # No pyplot: no global backend for a notebook to lose.
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for split, field, style in (("train", "elbo", dict(lw=1, label="train ELBO (window mean)")),
+                                ("eval", "test_elbo", dict(marker="o", ls="", label="test ELBO")),
+                                ("eval", "test_log_likelihood",
+                                 dict(marker="^", ls="", label="test log p(x), IWAE"))):
+        points = [(r["step"], np.atleast_1d(r[field])) for r in rows
+                  if r["split"] == split and field in r]
+        if points:
+            steps = [p[0] for p in points]
+            values = np.array([p[1] for p in points], np.float64)  # [points, seeds]
+            lines = ax.plot(steps, values, **style)
+            for extra in lines[1:]:
+                extra.set_label("_nolegend_")  # One legend entry for all seeds.
+                extra.set_color(lines[0].get_color())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("nats per example (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

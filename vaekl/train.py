@@ -26,8 +26,9 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, validate
+from vaekl import bounds, checkpoint, elbo, evaluate, interrupt, kl, logs, models, validate
 from vaekl import config as config_lib
+from vaekl import progress as progress_lib
 from vaekl import workdir as workdir_lib
 
 OBJECTIVES = ("elbo",) + bounds.OBJECTIVES
@@ -297,6 +298,13 @@ def _check_objective(config):
                          f" {config.renyi_alpha!r}.")
 
 
+def _objective_name(config) -> str:
+    """How plot titles name the training objective, e.g. "kl=analytic" or "iwae K=5, dreg"."""
+    if config.objective == "elbo":
+        return f"kl={config.kl}" + (f", K={config.num_samples}" if config.num_samples > 1 else "")
+    return f"{config.objective} K={config.num_samples}, {config.grad_estimator}"
+
+
 def load_data(config):
     """(train, test) `vaekl.data.Dataset`s for `config.dataset`."""
     from vaekl import data  # Lazy: the data module reaches for tensorflow-datasets.
@@ -312,9 +320,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     Rerunning with the same workdir resumes from the latest checkpoint.
 
-    Writes `config.json`, `metrics.jsonl` (train and eval scalars by step),
-    `results.json` (final figures), `checkpoints/` (orbax) and PNG grids of
-    reconstructions and samples for image data.
+    Writes `config.json`, `metrics.jsonl` (train and eval scalars by step) and the
+    same scalars as TensorBoard event files in `tensorboard/`, `results.json` (final
+    figures), `checkpoints/` (orbax), `learning_curve.png`, and PNG grids of
+    reconstructions and samples for image data (in TensorBoard too).
+
+    SIGINT or SIGTERM stops it after the epoch in flight (or between evaluation
+    batches) with a checkpoint of the last completed epoch, raising
+    `interrupt.Interrupted`; a second SIGINT ends the process at once.
 
     Returns:
       The results dict written to results.json.
@@ -354,8 +367,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state = jax.device_put(restored, replicated)
         logging.info("Resumed from the checkpoint at step %d.", step)
     step = step or 0
-    metrics_log = workdir_lib.MetricsLog(work / "metrics.jsonl", truncate_after=step,
-                                         redo_eval=step == total_steps)
+    writer = workdir_lib.MetricWriter(
+        work, resume_step=step, redo_eval=step == total_steps,
+        seeds=range(config.seed, config.seed + num_seeds) if num_seeds > 1 else None)
     num_params = sum(x.size for x in jax.tree.leaves(state.params)) // num_seeds
     logging.info("%s: %d parameters per seed, %d steps per epoch, %d epochs, %d seed(s).",
                  config.dataset, num_params, steps_per_epoch, config.num_epochs, num_seeds)
@@ -363,46 +377,88 @@ def train_and_evaluate(config, workdir: str) -> dict:
     evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1)
     train_wall = workdir_lib.read_train_wall(work)
     first_epoch = step // steps_per_epoch
-    progress = workdir_lib.Progress(total_steps, first_step=step)
-    last_save = time.time()
-    for epoch in range(first_epoch, config.num_epochs):
-        t0 = time.time()
-        state, metrics = epoch_step(state, keys, epoch, train_x)
-        metrics = jax.tree.map(np.asarray, metrics)  # The one host sync of the epoch.
-        train_wall += time.time() - t0
-        step = (epoch + 1) * steps_per_epoch
-        _check_finite(metrics, epoch * steps_per_epoch, config, ckpt)
-        metrics_log.write_train(metrics, first_step=epoch * steps_per_epoch + 1,
-                                every=config.log_every_steps, at_step=("grad_norm",))
-        if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
-                and epoch + 1 < config.num_epochs:
-            metrics_log.write(step, "eval", evaluator.summary(
-                state.params, importance_samples=config.eval_importance_samples_during))
-        every = config.checkpoint_every_epochs
-        if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
-                or time.time() - last_save >= config.checkpoint_every_secs:
-            ckpt.save(step, state)
-            workdir_lib.write_train_wall(work, train_wall)
-            last_save = time.time()
-        progress.report(step, metrics)
-    ckpt.close()
 
-    summary = evaluator.summary(state.params, importance_samples=config.eval_importance_samples)
-    metrics_log.write(step, "eval", summary)
-    results = evaluator.results(summary, num_seeds)
-    results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
-                   total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
-                   dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
-                   objective=config.objective, grad_estimator=config.grad_estimator,
-                   outer_samples=config.outer_samples,
-                   seed=config.seed, num_seeds=num_seeds, devices=len(devices),
-                   platform=devices[0].platform)
-    workdir_lib.write_results(work, results)
-    if len(train_data.shape) == 3:
-        evaluator.write_images(work, state.params, keys)
+    def save():
+        ckpt.save(step, state)
+        workdir_lib.write_train_wall(work, train_wall)
+        writer.flush()
+
+    def stop_if_signalled():
+        """After SIGINT or SIGTERM: a checkpoint of `step` (unless there is one), Interrupted."""
+        if stop.signum is not None:
+            if step and step not in ckpt.steps():
+                save()
+            raise interrupt.Interrupted(step, stop.signum)
+
+    try:
+        with interrupt.deferred_signals() as stop:
+            if first_epoch < config.num_epochs:
+                train_wall += _compile(epoch_step, state, keys, first_epoch, train_x)
+                stop_if_signalled()
+            progress = progress_lib.Progress("train", total_steps, unit="steps", done=step,
+                                             first_is_warmup=False)
+            last_save = time.time()
+            for epoch in range(first_epoch, config.num_epochs):
+                t0 = time.time()
+                state, metrics = epoch_step(state, keys, epoch, train_x)
+                metrics = jax.tree.map(np.asarray, metrics)  # The one host sync of the epoch.
+                t1 = time.time()
+                train_wall += t1 - t0
+                step = (epoch + 1) * steps_per_epoch
+                _check_finite(metrics, epoch * steps_per_epoch, config, ckpt)
+                writer.write_train(metrics, first_step=epoch * steps_per_epoch + 1,
+                                   every=config.log_every_steps, at_step=("grad_norm",),
+                                   start_time=t0, end_time=t1)
+                if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
+                        and epoch + 1 < config.num_epochs:
+                    writer.write_scalars(step, evaluator.summary(
+                        state.params, importance_samples=config.eval_importance_samples_during,
+                        stop=stop_if_signalled), split="eval")
+                every = config.checkpoint_every_epochs
+                if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
+                        or time.time() - last_save >= config.checkpoint_every_secs:
+                    save()
+                    last_save = time.time()
+                progress.advance(steps_per_epoch, loss=float(np.mean(metrics["loss"])))
+                stop_if_signalled()
+            summary = evaluator.summary(state.params,
+                                        importance_samples=config.eval_importance_samples,
+                                        stop=stop_if_signalled)
+        writer.write_scalars(step, summary, split="eval")
+        results = evaluator.results(summary, num_seeds)
+        results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
+                       total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
+                       dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
+                       objective=config.objective, grad_estimator=config.grad_estimator,
+                       outer_samples=config.outer_samples,
+                       seed=config.seed, num_seeds=num_seeds, devices=len(devices),
+                       platform=devices[0].platform)
+        workdir_lib.write_results(work, results)
+        if len(train_data.shape) == 3:
+            writer.write_images(step, evaluator.images(state.params, keys))
+    finally:
+        ckpt.close()
+        writer.close()
+    evaluate.write_learning_curve(
+        workdir_lib.read_metrics(work / "metrics.jsonl"), work / "learning_curve.png",
+        title=f"{config.dataset}, {_objective_name(config)}, {config.num_epochs} epochs")
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items()
                                             if not isinstance(v, (list, dict))}))
     return results
+
+
+def _compile(epoch_step, *args) -> float:
+    """Compiles the epoch before its first call, with a line first; returns the seconds.
+
+    Compiled apart, the first epoch's time, the rate and the time left are those of
+    training alone; the jitted function then reuses the executable.
+    """
+    logging.info("train: compiling the epoch ...")
+    start = time.time()
+    epoch_step.lower(*args).compile()
+    seconds = time.time() - start
+    logging.info("train: compiled in %s.", progress_lib.format_duration(seconds))
+    return seconds
 
 
 def _check_finite(metrics: dict, first_step: int, config, ckpt):

@@ -15,6 +15,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vaekl import distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for results, plots and checkpoints.")
@@ -49,6 +51,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+        distributed.initialize()  # One process of several: joins the others first.
         run(FLAGS.config, FLAGS.workdir)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         # Bad input and divergence end the run with their message, not a traceback.

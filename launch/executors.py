@@ -13,8 +13,12 @@ from pathlib import Path
 from launch import runs as runs_lib
 
 
-def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2) -> dict[str, str]:
+def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2,
+              processes: int = 1) -> dict[str, str]:
     """Runs `runs` as subprocesses, at most `parallel` at a time, until all have ended.
+
+    `processes` > 1 runs each run as that many processes joined by `jax.distributed`
+    (`launch.processes`); when one of them fails the others are stopped.
 
     A failing run does not stop the others. With `parallel` > 1 the runs share the
     machine's accelerators, so JAX's preallocation of 75% of GPU memory per process is
@@ -33,7 +37,7 @@ def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2) 
         while queue or active:
             while queue and len(active) < parallel:
                 run = queue.pop(0)
-                active[run.name] = (run, runs_lib.start(run, env=env))
+                active[run.name] = (run, runs_lib.start(run, env=env, processes=processes))
                 print(f"started  {run.name}", flush=True)
             time.sleep(poll_s)
             for name, (run, proc) in list(active.items()):
@@ -59,8 +63,9 @@ def slurm_job(run: runs_lib.Run) -> str:
     import submitit
 
     cluster = os.environ.get("SUBMITIT_EXECUTOR", "slurm")
-    status = runs_lib.execute(run, executor="slurm", cluster=cluster,
-                              job_id=submitit.JobEnvironment().job_id)
+    job = submitit.JobEnvironment()
+    status = runs_lib.execute(run, executor="slurm", cluster=cluster, job_id=job.job_id,
+                              task=job.global_rank)
     if status != runs_lib.DONE:
         raise RuntimeError(f"run {run.name} failed; log: {run.log}")
     return status
@@ -69,7 +74,7 @@ def slurm_job(run: runs_lib.Run) -> str:
 def submit_slurm(runs: Sequence[runs_lib.Run], folder: Path, *, cluster: str = "slurm",
                  partition: str | None = None, time_min: int = 60, gpus: int = 0,
                  cpus: int | None = None, parallel: int | None = None,
-                 name: str = "vaekl") -> list:
+                 name: str = "vaekl", nodes: int = 1, tasks_per_node: int = 1) -> list:
     """Submits `runs` as one job array (one job per run) through submitit.
 
     Args:
@@ -83,6 +88,9 @@ def submit_slurm(runs: Sequence[runs_lib.Run], folder: Path, *, cluster: str = "
       cpus: CPUs per task; None: the cluster's default.
       parallel: the most array jobs running at once; None: no limit.
       name: the Slurm job name.
+      nodes, tasks_per_node: > 1 makes each run one `jax.distributed` run of
+        nodes * tasks_per_node processes (one per task: with GPUs, one per GPU). srun
+        ends every task of a job when one fails (--kill-on-bad-exit).
 
     Returns:
       The submitit jobs, in the order of `runs`.
@@ -104,7 +112,8 @@ def submit_slurm(runs: Sequence[runs_lib.Run], folder: Path, *, cluster: str = "
     executor.update_parameters(
         name=name, timeout_min=time_min, gpus_per_node=gpus or None, cpus_per_task=cpus,
         slurm_partition=partition, slurm_array_parallelism=parallel or len(runs),
-        slurm_setup=setup, local_setup=setup)
+        slurm_setup=setup, local_setup=setup, nodes=nodes, tasks_per_node=tasks_per_node,
+        slurm_srun_args=["--kill-on-bad-exit=1"])
     for run in runs:
         runs_lib.mark_submitted(run)
     try:

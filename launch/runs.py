@@ -6,6 +6,7 @@ working directory. Whoever starts it (the local pool, or a Slurm job) uses `star
 and `finish` here, so a run is the same process on either executor:
 
   ROOT/NAME/log.txt        stdout and stderr of every attempt, each after a header line
+  ROOT/NAME/log.process1.txt, ...  the same of processes 1, 2, ... of a multi-process run
   ROOT/NAME/launch.json    the record: command, status, return code, times, host, pid, attempts
   ROOT/NAME/submitted.json Slurm only: the job that will run it (cluster, job id, host)
   ROOT/NAME/results.json   written by the experiment when it finishes
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch import processes as processes_lib
 from launch import sweeps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +70,10 @@ class Run:
     @property
     def log(self) -> Path:
         return self.path / "log.txt"
+
+    def process_log(self, process: int) -> Path:
+        """The log of process `process` of a multi-process run (process 0's is `log`)."""
+        return self.log if process == 0 else self.path / f"log.process{process}.txt"
 
     @property
     def record_path(self) -> Path:
@@ -149,7 +155,8 @@ def _base_record(run: Run, status: str, **fields) -> dict:
 
 
 def start(run: Run, *, executor: str = "local", cluster: str | None = None,
-          job_id: str | None = None, env: dict | None = None) -> subprocess.Popen:
+          job_id: str | None = None, env: dict | None = None,
+          processes: int = 1) -> subprocess.Popen | processes_lib.ProcessGroup:
     """Starts one attempt of `run` as a subprocess; records it as running.
 
     Args:
@@ -158,38 +165,56 @@ def start(run: Run, *, executor: str = "local", cluster: str | None = None,
       cluster: for Slurm jobs, submitit's cluster ("slurm" or "local").
       job_id: for Slurm jobs, the job id.
       env: the subprocess's environment; None: this process's.
+      processes: > 1 starts the run as that many local processes joined by
+        `jax.distributed` (`launch.processes`), process i writing `run.process_log(i)`.
 
     Returns:
-      The process, writing to the run's log.txt.
+      The process, writing to the run's log.txt (a `ProcessGroup` for processes > 1).
     """
     run.path.mkdir(parents=True, exist_ok=True)
     record = _base_record(run, RUNNING, start_time=now(), end_time=None, returncode=None,
                           error=None, host=HOST, executor=executor, cluster=cluster,
                           job_id=job_id)
     record["attempts"] += 1
-    with open(run.log, "a") as log:
-        log.write(f"=== attempt {record['attempts']}, {record['start_time']} on {HOST}:"
-                  f" {shlex.join(run.command)}\n")
-        log.flush()
-        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+    header = (f"=== attempt {record['attempts']}, {record['start_time']} on {HOST}:"
+              f" {shlex.join(run.command)}\n")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    if processes == 1:
+        proc = _spawn(run, run.log, header, env)
+    else:
+        port = processes_lib.free_port()
+        proc = processes_lib.ProcessGroup([
+            _spawn(run, run.process_log(i), header, processes_lib.process_env(
+                env, port=port, processes=processes, process=i)) for i in range(processes)])
+        record.update(processes=processes, pids=proc.pids)
     record["pid"] = proc.pid
     write_json(run.record_path, record)
     return proc
+
+
+def _spawn(run: Run, log_path: Path, header: str, env: dict) -> subprocess.Popen:
+    """Starts `run.command` in the repository root; `header`, then its output, go to log_path."""
+    with open(log_path, "a") as log:
+        log.write(header)
+        log.flush()
+        return subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
 def finish(run: Run, proc: subprocess.Popen) -> str:
     """Records the end of an attempt whose process has exited; returns "done" or "failed".
 
     A run that exits 0 without writing results.json is failed. The log gets a last line
-    `=== done|failed at TIME: exit code N`.
+    `=== done|failed at TIME: exit code N` (of a multi-process run: `exit code N of
+    process I, the others stopped`).
     """
     returncode = proc.returncode
     record = read_record(run)
     error = None
     if returncode != 0:
         error = f"exit code {returncode}"
+        if isinstance(proc, processes_lib.ProcessGroup):
+            error += f" of process {proc.failed_process}, the others stopped"
     elif not run.results.exists():
         error = "exit code 0 but no results.json"
     record.update(status=FAILED if error else DONE, returncode=returncode, end_time=now(),
@@ -210,8 +235,19 @@ def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
         log.write(f"=== interrupted at {record['end_time']}: stopped by the launcher\n")
 
 
-def execute(run: Run, *, executor: str, cluster: str | None, job_id: str | None) -> str:
-    """Runs one attempt of `run` to its end; returns "done" or "failed"."""
+def execute(run: Run, *, executor: str, cluster: str | None, job_id: str | None,
+            task: int = 0) -> str:
+    """Runs one attempt of `run` to its end; returns "done" or "failed".
+
+    `task` > 0 is one of the other tasks of a multi-task Slurm job (process `task` of
+    a multi-process run): it runs the same command with its output in
+    `run.process_log(task)`, leaves the record to task 0, and is done when it exits 0.
+    """
+    if task:
+        header = f"=== task {task}, {now()} on {HOST}: {shlex.join(run.command)}\n"
+        proc = _spawn(run, run.process_log(task), header,
+                      dict(os.environ, PYTHONUNBUFFERED="1"))
+        return DONE if proc.wait() == 0 else FAILED
     proc = start(run, executor=executor, cluster=cluster, job_id=job_id)
     proc.wait()
     return finish(run, proc)
@@ -272,7 +308,7 @@ def _running_state(run: Run, record: dict) -> State:
     if record.get("job_id"):
         where += f", job {record['job_id']}"
     if record["host"] == HOST:
-        alive = _pid_alive(record["pid"], run.workdir)
+        alive = any(_pid_alive(pid, run.workdir) for pid in record.get("pids", [record["pid"]]))
     elif record.get("cluster") == "slurm":
         alive = _slurm_job_active(record["job_id"])
     else:

@@ -9,8 +9,16 @@ parameters are bitwise equal.
 
 `config.num_seeds > 1` trains that many seeds (config.seed, config.seed + 1, ...)
 in one program: with `jax.vmap` on accelerators, one seed after another
-(`lax.map`) on CPUs, where that is faster; with several local devices the batch
-is sharded over them (`jax.sharding`, parameters replicated).
+(`lax.map`) on CPUs, where that is faster.
+
+With several devices, of this process or of several (`vaekl.distributed`), the
+batch is sharded over all of them (one global mesh) and the parameters are
+replicated. Every process holds the whole (small) training set on each of its
+devices, and computes the same permutation, so each device gathers only its own
+rows of each batch inside the jitted epoch: no data cross between processes, only
+the gradients' all-reduce. Evaluation batches are sharded the same way. Process 0
+alone writes the workdir's files; all processes save and restore the checkpoints
+(orbax's multi-process protocol).
 """
 
 import functools
@@ -24,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import bounds, checkpoint, elbo, evaluate, kl, models, workdir as workdir_lib
+from vaekl import bounds, checkpoint, distributed, elbo, evaluate, kl, models
+from vaekl import workdir as workdir_lib
 
 OBJECTIVES = ("elbo",) + bounds.OBJECTIVES
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -151,7 +159,7 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
     loss_fn = make_loss_fn(model, config)
     batch_size, skip_bad = config.batch_size, config.on_nan == "skip"
     log_every = config.log_every_steps
-    batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = distributed.batch_sharded(mesh)
 
     def grad_norm(grads, step):
         if skip_bad:
@@ -202,14 +210,17 @@ def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, bina
     `keys` are the seeds' keys (config.seed, config.seed + 1, ... stacked when
     config.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
     train_x) -> (state, metrics) are jitted, over several seeds vmapped, and the
-    epoch donates the state. `vmap_seeds=False` maps the epoch over the seeds
-    instead (`_seed_after_seed`); by default it does so on CPUs.
+    epoch donates the state; with a `mesh` both return arrays replicated over it.
+    `vmap_seeds=False` maps the epoch over the seeds instead (`_seed_after_seed`);
+    by default it does so on CPUs.
     """
     num_seeds = config.num_seeds
     keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
     keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
     vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
-    init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)))
+    replicated = distributed.replicated(mesh)
+    init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)),
+                   out_shardings=replicated)
     epoch_fn = make_epoch_fn(model, config, tx, steps_per_epoch=steps_per_epoch,
                              binarize=binarize, mesh=mesh)
     if vmap_seeds is None:
@@ -218,7 +229,7 @@ def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, bina
         epoch_fn = _seed_after_seed(epoch_fn)
     else:
         epoch_fn = vmap(epoch_fn, in_axes=(0, 0, None, None))
-    return keys, init, jax.jit(epoch_fn, donate_argnums=(0,))
+    return keys, init, jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=replicated)
 
 
 def _seed_after_seed(epoch_fn):
@@ -319,7 +330,8 @@ def load_data(config):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains the VAE of `config`, evaluates it, and writes everything to `workdir`.
 
-    Rerunning with the same workdir resumes from the latest checkpoint.
+    Rerunning with the same workdir resumes from the latest checkpoint. Under
+    `jax.distributed` every process calls this with the same arguments.
 
     Writes `config.json`, `metrics.jsonl` (train and eval scalars by step),
     `results.json` (final figures), `checkpoints/` (orbax) and PNG grids of
@@ -329,7 +341,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       The results dict written to results.json.
     """
     start_time = time.time()
-    devices = jax.local_devices()
+    devices, primary = jax.devices(), distributed.is_primary()
     _check_config(config, len(devices))
     workdir_lib.prepare_workdir(workdir)  # An unusable workdir fails before the data loads.
     train_data, test_data = load_data(config)
@@ -338,36 +350,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          f" {len(train_data)} training examples of {config.dataset!r}.")
     # config.json is written only now: a config its data refuse leaves no run behind that
     # would block the corrected config from this workdir.
-    work = workdir_lib.prepare(workdir, config)
+    work = workdir_lib.prepare(workdir, config, write=primary)
     model = create_model(config, train_data)
     steps_per_epoch = len(train_data) // config.batch_size
     total_steps = config.num_epochs * steps_per_epoch
     tx = create_optimizer(config, steps_per_epoch)
-    mesh = None
-    if len(devices) > 1:
-        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                             axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    train_x = jax.device_put(train_data.x, replicated)
+    mesh = distributed.data_mesh()
+    train_x = jax.device_put(train_data.x, distributed.replicated(mesh))
     num_seeds = config.num_seeds
     keys, init, epoch_step = training_fns(model, config, tx, data_dim=train_data.dim,
                                           steps_per_epoch=steps_per_epoch,
                                           binarize=train_data.dynamic_binarization, mesh=mesh)
-    state = jax.device_put(init(keys), replicated)
+    state = init(keys)
 
     ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
-    step, restored = ckpt.restore_latest(state)
+    step, state = ckpt.restore_latest(state)  # Sharded like the template: replicated.
     if step is not None:
-        state = jax.device_put(restored, replicated)
         logging.info("Resumed from the checkpoint at step %d.", step)
     step = step or 0
     metrics_log = workdir_lib.MetricsLog(work / "metrics.jsonl", truncate_after=step,
-                                         redo_eval=step == total_steps)
+                                         redo_eval=step == total_steps, enabled=primary)
     num_params = sum(x.size for x in jax.tree.leaves(state.params)) // num_seeds
     logging.info("%s: %d parameters per seed, %d steps per epoch, %d epochs, %d seed(s).",
                  config.dataset, num_params, steps_per_epoch, config.num_epochs, num_seeds)
 
-    evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1)
+    evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1,
+                                   mesh=mesh)
     train_wall = workdir_lib.read_train_wall(work)
     first_epoch = step // steps_per_epoch
     progress = workdir_lib.Progress(total_steps, first_step=step)
@@ -387,9 +395,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 state.params, importance_samples=config.eval_importance_samples_during))
         every = config.checkpoint_every_epochs
         if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
-                or time.time() - last_save >= config.checkpoint_every_secs:
+                or distributed.agree(time.time() - last_save >= config.checkpoint_every_secs):
             ckpt.save(step, state)
-            workdir_lib.write_train_wall(work, train_wall)
+            if primary:
+                workdir_lib.write_train_wall(work, train_wall)
             last_save = time.time()
         progress.report(step, metrics)
     ckpt.close()
@@ -403,10 +412,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    objective=config.objective, grad_estimator=config.grad_estimator,
                    outer_samples=config.outer_samples,
                    seed=config.seed, num_seeds=num_seeds, devices=len(devices),
-                   platform=devices[0].platform)
-    workdir_lib.write_results(work, results)
-    if len(train_data.shape) == 3:
-        evaluator.write_images(work, state.params, keys)
+                   processes=jax.process_count(), platform=devices[0].platform)
+    if primary:
+        workdir_lib.write_results(work, results)
+        if len(train_data.shape) == 3:  # On this process's device, from a host copy.
+            evaluator.write_images(work, jax.device_get(state.params), keys)
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items()
                                             if not isinstance(v, (list, dict))}))
     return results

@@ -59,8 +59,10 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def prepare(workdir: str, config) -> Path:
+def prepare(workdir: str, config, *, write: bool = True) -> Path:
     """Creates the workdir and writes config.json, or checks it against a previous run's.
+
+    `write=False` only checks (the processes of a multi-process run other than process 0).
 
     Raises:
       ValueError: when the workdir holds a run whose config differs in a field
@@ -81,7 +83,8 @@ def prepare(workdir: str, config) -> Path:
             raise ValueError(
                 f"--workdir: {workdir!r} holds a run with a different config ({diffs}); resume"
                 " it with the same config or choose a new --workdir.")
-    write_json(config_path, new)
+    if write:
+        write_json(config_path, new)
     return path
 
 
@@ -107,11 +110,13 @@ class MetricsLog:
     replayed steps are neither duplicated nor missing. With `redo_eval` the eval
     line at S goes too: the final evaluation, written after the last checkpoint
     by a process killed before it finished, which the resumed one does again.
+    With `enabled=False` (every process of a run but process 0) it reads and writes nothing.
     """
 
-    def __init__(self, path: Path, *, truncate_after: int, redo_eval: bool = False):
-        self._path = path
-        if path.exists():
+    def __init__(self, path: Path, *, truncate_after: int, redo_eval: bool = False,
+                 enabled: bool = True):
+        self._path, self._enabled = path, enabled
+        if enabled and path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
             kept = []
             for ln in lines:
@@ -127,6 +132,8 @@ class MetricsLog:
             os.replace(tmp, path)
 
     def write(self, step: int, split: str, scalars: dict) -> None:
+        if not self._enabled:
+            return
         line = json.dumps({"step": int(step), "split": split, "time": time.time(), **scalars},
                           default=_jsonable)
         with open(self._path, "a") as f:

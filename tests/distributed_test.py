@@ -156,6 +156,41 @@ def test_slurm_tasks_join_from_their_environment_alone():
     assert [out.splitlines()[-1] for out, _ in outs] == ["0 2 2 3.0 True", "1 2 2 3.0 True"]
 
 
+LOOP = """\
+import time, jax, jax.numpy as jnp, numpy as np
+from vaekl import distributed
+assert distributed.initialize()
+mesh = distributed.data_mesh()
+total = jax.jit(jnp.sum, out_shardings=distributed.replicated(mesh))
+x = distributed.shard_batch(np.ones(2, np.float32), mesh)
+print("joined", flush=True)
+while True:
+    total(x).block_until_ready()
+    time.sleep(0.01)
+"""
+
+
+def test_the_survivor_of_a_lost_coordinator_ends_by_itself():
+    """No launcher to stop it (as on Slurm without --kill-on-bad-exit): JAX's own bound."""
+    port = processes.free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", LOOP], cwd=REPO, text=True,
+                              env=processes.process_env(cpu_env(), port=port, processes=2,
+                                                        process=i),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        for p in procs:
+            while (line := p.stdout.readline()) != "joined\n":
+                assert line, "a process ended before joining"
+        procs[0].kill()  # Process 0 holds the coordination service.
+        procs[1].communicate(timeout=STOP_BOUND_S)
+        assert procs[1].returncode != 0  # It failed: the loop never ends on its own.
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 # --- Training over 2 processes ---------------------------------------------------------
 
 def test_two_processes_train_as_one_process_of_two_devices_and_of_one(two_processes,

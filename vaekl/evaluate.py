@@ -2,7 +2,9 @@
 
 The test set is padded to whole batches, each evaluated by one jitted call (the
 same executable for every batch); the figures are means over the real
-(unpadded) examples, in nats per example.
+(unpadded) examples, in nats per example. With a device mesh each batch is split
+over its devices (of one process or several), its size rounded up to a multiple
+of their number, and the per-example figures gathered back onto every device.
 """
 
 import functools
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import elbo, kl, linear_gaussian, models
+from vaekl import distributed, elbo, kl, linear_gaussian, models
 from vaekl import progress as progress_lib
 from vaekl.priors import DiagNormal
 
@@ -55,9 +57,12 @@ def has_exact_marginal(model: models.VAE) -> bool:
 class Evaluator:
     """Evaluates parameters (of one seed, or stacked over seeds) on a test set."""
 
-    def __init__(self, model: models.VAE, config, test_data, keys, *, vmapped: bool):
+    def __init__(self, model: models.VAE, config, test_data, keys, *, vmapped: bool,
+                 mesh: jax.sharding.Mesh | None = None):
         self._model, self._config, self._keys, self._vmapped = model, config, keys, vmapped
-        batch = min(config.eval_batch_size, len(test_data))
+        self._mesh = mesh
+        devices = 1 if mesh is None else mesh.size
+        batch = -(-min(config.eval_batch_size, len(test_data)) // devices) * devices
         num_batches = -(-len(test_data) // batch)
         pad = num_batches * batch - len(test_data)
         x = np.concatenate([test_data.x, np.zeros((pad, test_data.dim), np.float32)])
@@ -97,7 +102,7 @@ class Evaluator:
 
         if self._vmapped:
             one_batch = jax.vmap(one_batch, in_axes=(0, None, 0))
-        return jax.jit(one_batch)
+        return jax.jit(one_batch, out_shardings=distributed.replicated(self._mesh))
 
     def _per_example(self, params, importance_samples: int, stop=None) -> dict:
         """Figures per test example, [N, ...] (or [seeds, N, ...]), as NumPy arrays.
@@ -118,8 +123,9 @@ class Evaluator:
         outs = []
         for i in range(num_batches):
             # Fetching each batch before the next is dispatched keeps one batch in flight.
-            outs.append(jax.tree.map(np.asarray, fn(params, self._x[i],
-                                                    keys[:, i] if self._vmapped else keys[i])))
+            x = distributed.shard_batch(self._x[i], self._mesh)
+            outs.append(jax.tree.map(np.asarray, fn(params, x, keys[:, i] if self._vmapped
+                                                    else keys[i])))
             progress.advance(1)
             if stop is not None:
                 stop()

@@ -72,8 +72,10 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def prepare(workdir: str, config) -> Path:
+def prepare(workdir: str, config, *, write: bool = True) -> Path:
     """Creates the workdir and writes config.json, or checks it against a previous run's.
+
+    `write=False` only checks (the processes of a multi-process run other than process 0).
 
     Raises:
       ValueError: when the workdir holds a run whose config differs in a field
@@ -94,7 +96,8 @@ def prepare(workdir: str, config) -> Path:
             raise ValueError(
                 f"--workdir: {workdir!r} holds a run with a different config ({diffs}); resume"
                 " it with the same config or choose a new --workdir.")
-    write_json(config_path, new)
+    if write:
+        write_json(config_path, new)
     return path
 
 
@@ -129,12 +132,18 @@ class MetricWriter:
     before it finished, which the resumed one does again. The earlier processes' event
     files stay; each new one starts with TensorBoard's restart marker at step S + 1, on
     which TensorBoard drops their events from that step on.
+
+    With `enabled=False` (every process of a multi-process run but process 0) it
+    touches no file: no truncation, no event file, every write a no-op.
     """
 
     def __init__(self, workdir: Path, *, resume_step: int, redo_eval: bool = False,
-                 seeds: Sequence[int] | None = None):
+                 seeds: Sequence[int] | None = None, enabled: bool = True):
         self._workdir, self._path = workdir, workdir / "metrics.jsonl"
-        self._stacked = seeds is not None
+        self._stacked, self._enabled = seeds is not None, enabled
+        self._events = []
+        if not enabled:
+            return
         _truncate_metrics(self._path, resume_step, redo_eval)
         folders = ([workdir / "tensorboard" / f"seed_{s}" for s in seeds] if self._stacked
                    else [workdir / "tensorboard"])
@@ -143,6 +152,8 @@ class MetricWriter:
     def write_scalars(self, step: int, scalars: dict, *, split: str,
                       wall_time: float | None = None) -> None:
         """Writes `scalars` (name -> number or list) of `step`, stamped `wall_time` (now)."""
+        if not self._enabled:
+            return
         wall_time = time.time() if wall_time is None else wall_time
         line = json.dumps({"step": int(step), "split": split, "time": wall_time, **scalars},
                           default=_jsonable)
@@ -198,6 +209,8 @@ class MetricWriter:
         The PNGs are drawn at twice the size (each pixel a 2x2 block); TensorBoard gets the
         images as they are, under `images/NAME`.
         """
+        if not self._enabled:
+            return
         from PIL import Image
 
         wall_time = time.time()

@@ -29,5 +29,11 @@ class Moments:
         self.n = total
 
     def variance(self) -> np.ndarray:
-        """The sample variance (ddof 1) of each entry, [...]."""
+        """The sample variance (ddof 1) of each entry, [...].
+
+        Raises:
+          ValueError: with fewer than 2 rows, which leave it undefined.
+        """
+        if self.n < 2:
+            raise ValueError(f"a sample variance needs at least 2 draws, got {self.n}.")
         return self.m2 / (self.n - 1)

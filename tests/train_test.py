@@ -313,7 +313,7 @@ def test_a_partial_config_trains_outside_app_run_with_its_progress_on_stderr(tmp
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, check=True)
     assert re.search(r"train\.py:\d+\] digits: \d+ parameters", proc.stderr), proc.stderr
-    assert re.search(r"step 23/23 ", proc.stderr), proc.stderr
+    assert re.search(r"train: 23/23 steps ", proc.stderr), proc.stderr
     assert "orbax" not in proc.stderr and "checkpoint_manager" not in proc.stderr
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == json.loads(vaekl_config.complete(

@@ -27,6 +27,7 @@ import numpy as np
 from experiments import report
 from experiments.moments import Moments
 from vaekl import kl
+from vaekl.progress import Progress
 
 COLUMNS = ("estimator", "p_mean", "p_log_var", "dim", "num_samples", "true_kl",
            "bias_over_true", "exact_bias_over_true", "bias_z", "std_over_true",
@@ -83,8 +84,11 @@ def _chunk(key, q_mean, q_log_var, p_mean, p_log_var, *, estimator, num_samples,
     return jnp.mean(per_draw, axis=0)
 
 
-def measure(key, case, estimator, num_draws, chunk_elements):
-    """Runs one case; returns (`Moments` of the estimates, first chunk of estimates)."""
+def measure(key, case, estimator, num_draws, chunk_elements, progress=None):
+    """Runs one case; returns (`Moments` of the estimates, first chunk of estimates).
+
+    `progress`, a `vaekl.progress.Progress` counting draws, advances after each chunk.
+    """
     per_chunk = max(1, min(num_draws, chunk_elements // (case["num_samples"] * case["dim"])))
     moments, first = Moments(), None
     for i in range(math.ceil(num_draws / per_chunk)):
@@ -96,6 +100,8 @@ def measure(key, case, estimator, num_draws, chunk_elements):
         if first is None:
             first = x
         moments.add(x)
+        if progress is not None:
+            progress.advance(size)
     return moments, first
 
 
@@ -172,14 +178,19 @@ def run(config, workdir: str) -> dict:
     workdir = report.prepare_workdir(workdir)
     base_key = jax.random.key(config.seed)
     rows, hists = [], {}
+    draws = [config.schulman_draws if ci < 2 else config.num_draws
+             for ci in range(len(config.cases))]
+    progress = Progress("estimators: draws", sum(draws) * len(config.estimators),
+                        unit="draws", quiet_s=5.0)
     for ci, case in enumerate(config.cases):
         case = dict(case)
         true_kl = _true_kl(**case)
         schulman = ci < 2
-        num_draws = config.schulman_draws if schulman else config.num_draws
+        num_draws = draws[ci]
         for ei, estimator in enumerate(config.estimators):
             key = jax.random.fold_in(jax.random.fold_in(base_key, ci), ei)
-            moments, first = measure(key, case, estimator, num_draws, config.chunk_elements)
+            moments, first = measure(key, case, estimator, num_draws, config.chunk_elements,
+                                    progress)
             exact = exact_moments(case["q_mean"], case["q_log_var"], case["p_mean"],
                                   case["p_log_var"], case["dim"], estimator)
             rows.append(dict(case, estimator=estimator, true_kl=true_kl, num_draws=num_draws,

@@ -53,6 +53,7 @@ from experiments import report
 from experiments.moments import Moments, jackknife_se, leave_one_out, merge_all
 from vaekl import elbo as elbo_lib
 from vaekl import linear_gaussian, priors
+from vaekl.progress import Progress
 
 COLUMNS = ("model", "checkpoint", "estimator", "encoder_grad_variance", "decoder_grad_variance",
            "encoder_snr", "decoder_snr", "encoder_grad_mean_norm", "batch_elbo", "num_draws")
@@ -91,7 +92,7 @@ def make_grad_fn(loss, split):
     return grads
 
 
-def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
+def measure(grad_fn, params, key, *, num_draws: int, chunk: int, progress=None) -> dict:
     """Gradient moments over `num_draws` keys (draw i uses fold_in(key, i)).
 
     Args:
@@ -100,6 +101,7 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
       key: base key.
       num_draws: independent gradient draws.
       chunk: draws per vmapped device call.
+      progress: a `vaekl.progress.Progress` counting draws, or None.
 
     Returns:
       The `_grad_figures` of the encoder and decoder gradients with their jackknife
@@ -120,6 +122,8 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int) -> dict:
             rows = group_of == g
             enc[g].add(g_enc[rows])
             dec[g].add(g_dec[rows])
+        if progress is not None:
+            progress.advance(len(idx))
 
     def figures(e, d):
         return {**_grad_figures(e, "encoder"), **_grad_figures(d, "decoder")}
@@ -166,12 +170,16 @@ def _vae_checkpoints(config):
     epoch_fn = jax.jit(train.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
                                            binarize=train_data.dynamic_binarization))
     out = {}
+    progress = Progress("gradient variance: training the VAE", cfg.num_epochs, unit="epochs",
+                        quiet_s=5.0)
     for epoch in range(cfg.num_epochs + 1):
         for name, e in epochs.items():
             if e == epoch:
                 out[name] = state.params
         if epoch < cfg.num_epochs:
             state, _ = epoch_fn(state, keys, epoch, train_x)
+            jax.block_until_ready(state)
+            progress.advance(1)
     return model, cfg, {name: out[name] for name in epochs}
 
 
@@ -197,10 +205,14 @@ def vae_rows(config, key) -> list:
             lambda p, k, loss_fn=loss_fn: loss_fn(p, x, k, 0)[0],
             lambda g: (g["params"]["enc_net"], g["params"]["dec_net"]))
     rows = []
+    progress = Progress("gradient variance: VAE draws",
+                        len(checkpoints) * len(config.estimators) * config.num_draws,
+                        unit="draws", quiet_s=5.0)
     for ci, (name, params) in enumerate(checkpoints.items()):
         for estimator in config.estimators:
             figures = measure(grad_fns[estimator], params, jax.random.fold_in(key, ci),
-                              num_draws=config.num_draws, chunk=config.chunk)
+                              num_draws=config.num_draws, chunk=config.chunk,
+                              progress=progress)
             rows.append({"model": "vae", "checkpoint": name, "estimator": estimator,
                          "epochs": checkpoint_epochs(config)[name], **figures})
     return rows
@@ -251,7 +263,11 @@ def linear_gaussian_rows(config, key) -> list:
     perturbed = dict(exact, mean_kernel=0.9 * exact["mean_kernel"],
                      mean_bias=0.9 * exact["mean_bias"], log_var_bias=exact["log_var_bias"] + 0.5)
     dtype = jnp.float64 if config.lg_float64 else jnp.float32
+    posteriors = (("exact_posterior", exact), ("perturbed_posterior", perturbed))
     rows = []
+    progress = Progress("gradient variance: linear-Gaussian draws",
+                        len(posteriors) * len(config.estimators) * config.num_draws,
+                        unit="draws", quiet_s=5.0)
     with jax.enable_x64(config.lg_float64):
         x = jnp.asarray(x_np, dtype)
         decoder = {"kernel": jnp.asarray(model.w.T, dtype), "bias": jnp.asarray(model.b, dtype),
@@ -259,13 +275,13 @@ def linear_gaussian_rows(config, key) -> list:
         grad_fns = {e: make_grad_fn(_lg_loss(e, config.num_samples, x),
                                     lambda g: (g["encoder"], g["decoder"]))
                     for e in config.estimators}
-        for ci, (name, enc) in enumerate((("exact_posterior", exact),
-                                          ("perturbed_posterior", perturbed))):
+        for ci, (name, enc) in enumerate(posteriors):
             params = {"encoder": jax.tree.map(lambda a: jnp.asarray(a, dtype), enc),
                       "decoder": decoder}
             for estimator in config.estimators:
                 figures = measure(grad_fns[estimator], params, jax.random.fold_in(key, 100 + ci),
-                                  num_draws=config.num_draws, chunk=config.chunk)
+                                  num_draws=config.num_draws, chunk=config.chunk,
+                                  progress=progress)
                 rows.append({"model": "linear_gaussian", "checkpoint": name,
                              "estimator": estimator, **figures})
     return rows

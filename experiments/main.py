@@ -133,8 +133,15 @@ def main(argv):
         sys.exit(f"error: unexpected arguments {argv[1:]}; settings are flags,"
                  " --config.FIELD=VALUE.")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from vaekl import distributed  # JAX is imported here, not for --help.
+    from vaekl.interrupt import Interrupted
+
     try:
+        distributed.initialize()  # One process of several: joins the others first.
         run(FLAGS.config, FLAGS.workdir)
+    except Interrupted as e:  # SIGINT/SIGTERM: checkpointed; one line, status 130/143.
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")  # Bad input and divergence: their message, no traceback.
 

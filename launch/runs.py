@@ -6,6 +6,7 @@ working directory. Whoever starts it (the local pool, or a Slurm job) uses `star
 and `finish` here, so a run is the same process on either executor:
 
   ROOT/NAME/log.txt        stdout and stderr of every attempt, each after a header line
+  ROOT/NAME/log.process1.txt, ...  the same of processes 1, 2, ... of a multi-process run
   ROOT/NAME/launch.json    the record: command, status, return code, times, host, pid, attempts
   ROOT/NAME/submitted.json Slurm only: the job that will run it (cluster, job id, host)
   ROOT/NAME/results.json   written by the experiment when it finishes
@@ -17,8 +18,9 @@ The state of a run (`state`) follows from those files:
                another host, its Slurm job is in `squeue`)
   queued       submitted to Slurm and the job is waiting in the queue
   failed       the last attempt exited non-zero (or exited 0 without results.json)
-  interrupted  launch.json says running or submitted but nothing is alive: a killed
-               launcher, a cancelled or timed-out job; rerunning resumes it
+  interrupted  the last attempt was stopped by SIGINT or SIGTERM (exit status 130 or 143,
+               after its checkpoint), or launch.json says running or submitted but nothing
+               is alive: a killed launcher, a cancelled or timed-out job; rerunning resumes it
   pending      never started
 """
 
@@ -27,11 +29,13 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from launch import processes as processes_lib
 from launch import sweeps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +44,10 @@ HOST = socket.gethostname()
 DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, PENDING = (
     "done", "running", "queued", "failed", "interrupted", "pending")
 STATES = (DONE, RUNNING, QUEUED, FAILED, INTERRUPTED, PENDING)
+# Return codes of a run that SIGINT or SIGTERM stopped: vaekl's training exits 128 + the
+# signal after its checkpoint; before training began the signal itself ends the process.
+INTERRUPTED_CODES = {128 + signal.SIGINT: "SIGINT", 128 + signal.SIGTERM: "SIGTERM",
+                     -signal.SIGINT: "SIGINT", -signal.SIGTERM: "SIGTERM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,10 @@ class Run:
     @property
     def log(self) -> Path:
         return self.path / "log.txt"
+
+    def process_log(self, process: int) -> Path:
+        """The log of process `process` of a multi-process run (process 0's is `log`)."""
+        return self.log if process == 0 else self.path / f"log.process{process}.txt"
 
     @property
     def record_path(self) -> Path:
@@ -150,7 +162,8 @@ def _base_record(run: Run, status: str, **fields) -> dict:
 
 
 def start(run: Run, *, executor: str = "local", cluster: str | None = None,
-          job_id: str | None = None, env: dict | None = None) -> subprocess.Popen:
+          job_id: str | None = None, env: dict | None = None,
+          processes: int = 1) -> subprocess.Popen | processes_lib.ProcessGroup:
     """Starts one attempt of `run` as a subprocess; records it as running.
 
     Args:
@@ -159,46 +172,77 @@ def start(run: Run, *, executor: str = "local", cluster: str | None = None,
       cluster: for Slurm jobs, submitit's cluster ("slurm" or "local").
       job_id: for Slurm jobs, the job id.
       env: the subprocess's environment; None: this process's.
+      processes: > 1 starts the run as that many local processes joined by
+        `jax.distributed` (`launch.processes`), process i writing `run.process_log(i)`.
 
     Returns:
-      The process, writing to the run's log.txt.
+      The process, writing to the run's log.txt (a `ProcessGroup` for processes > 1).
     """
     run.path.mkdir(parents=True, exist_ok=True)
     record = _base_record(run, RUNNING, start_time=now(), end_time=None, returncode=None,
                           error=None, host=HOST, executor=executor, cluster=cluster,
                           job_id=job_id)
     record["attempts"] += 1
-    with open(run.log, "a") as log:
-        log.write(f"=== attempt {record['attempts']}, {record['start_time']} on {HOST}:"
-                  f" {shlex.join(run.command)}\n")
-        log.flush()
-        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+    header = (f"=== attempt {record['attempts']}, {record['start_time']} on {HOST}:"
+              f" {shlex.join(run.command)}\n")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    if processes == 1:
+        proc = _spawn(run, run.log, header, env)
+    else:
+        port = processes_lib.free_port()
+        proc = processes_lib.ProcessGroup([
+            _spawn(run, run.process_log(i), header, processes_lib.process_env(
+                env, port=port, processes=processes, process=i)) for i in range(processes)])
+        record.update(processes=processes, pids=proc.pids)
     record["pid"] = proc.pid
     _write_json(run.record_path, record)
     return proc
 
 
-def finish(run: Run, proc: subprocess.Popen) -> str:
-    """Records the end of an attempt whose process has exited; returns "done" or "failed".
+def _spawn(run: Run, log_path: Path, header: str, env: dict) -> subprocess.Popen:
+    """Starts `run.command` in the repository root; `header`, then its output, go to log_path."""
+    with open(log_path, "a") as log:
+        log.write(header)
+        log.flush()
+        return subprocess.Popen(run.command, cwd=REPO_ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
-    A run that exits 0 without writing results.json is failed. The log gets a last line
-    `=== done|failed at TIME: exit code N`.
+
+def start_task(run: Run, task: int) -> subprocess.Popen:
+    """Starts task `task` > 0 of a multi-task Slurm job: process `task` of a multi-process run.
+
+    It runs the same command as task 0 with its output in `run.process_log(task)` and
+    leaves the record (launch.json) to task 0.
     """
-    returncode = proc.returncode
+    header = f"=== task {task}, {now()} on {HOST}: {shlex.join(run.command)}\n"
+    return _spawn(run, run.process_log(task), header, dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def finish(run: Run, returncode: int, *, failed_process: int | None = None) -> str:
+    """Records the end of an attempt that exited with `returncode`; returns its status.
+
+    "done", "failed", or "interrupted" for a run that SIGINT or SIGTERM stopped (exit
+    status 130 or 143 after its checkpoint, or killed by the signal before training began),
+    which a rerun resumes. A run that exits 0 without writing results.json is failed.
+    The log gets a last line `=== STATUS at TIME: exit code N`; `failed_process` (of a
+    multi-process run, the process whose exit ended it) adds `of process I, the others
+    stopped`.
+    """
     record = read_record(run)
-    error = None
-    if returncode != 0:
-        error = f"exit code {returncode}"
+    error, status = None, DONE
+    if returncode in INTERRUPTED_CODES:
+        error, status = f"exit code {returncode}: {INTERRUPTED_CODES[returncode]}", INTERRUPTED
+    elif returncode != 0:
+        error, status = f"exit code {returncode}", FAILED
     elif not run.results.exists():
-        error = "exit code 0 but no results.json"
-    record.update(status=FAILED if error else DONE, returncode=returncode, end_time=now(),
-                  error=error)
+        error, status = "exit code 0 but no results.json", FAILED
+    if returncode != 0 and failed_process is not None:
+        error += f" of process {failed_process}, the others stopped"
+    record.update(status=status, returncode=returncode, end_time=now(), error=error)
     with open(run.log, "a") as log:
-        log.write(f"=== {record['status']} at {record['end_time']}: {error or 'exit code 0'}\n")
+        log.write(f"=== {status} at {record['end_time']}: {error or 'exit code 0'}\n")
     _write_json(run.record_path, record)
-    return record["status"]
+    return status
 
 
 def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
@@ -211,11 +255,11 @@ def mark_interrupted(run: Run, proc: subprocess.Popen) -> None:
         log.write(f"=== interrupted at {record['end_time']}: stopped by the launcher\n")
 
 
-def execute(run: Run, *, executor: str, cluster: str | None, job_id: str | None) -> str:
-    """Runs one attempt of `run` to its end; returns "done" or "failed"."""
-    proc = start(run, executor=executor, cluster=cluster, job_id=job_id)
-    proc.wait()
-    return finish(run, proc)
+def mark_requeued(run: Run) -> None:
+    """Records that `run`'s Slurm job is being requeued after it stopped the run (queued)."""
+    record = read_record(run)
+    record.update(status="submitted", error="requeued after Slurm's warning signal")
+    _write_json(run.record_path, record)
 
 
 def mark_submitted(run: Run) -> None:
@@ -273,7 +317,7 @@ def _running_state(run: Run, record: dict) -> State:
     if record.get("job_id"):
         where += f", job {record['job_id']}"
     if record["host"] == HOST:
-        alive = _pid_alive(record["pid"], run.workdir)
+        alive = any(_pid_alive(pid, run.workdir) for pid in record.get("pids", [record["pid"]]))
     elif record.get("cluster") == "slurm":
         alive = _slurm_job_active(record["job_id"])
     else:

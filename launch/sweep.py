@@ -6,6 +6,9 @@
   python -m launch.sweep --sweep=smoke --root=runs/smoke --dry_run
   python -m launch.sweep --sweep=compare_training --root=runs/compare --executor=slurm \
       --partition=gpu --time_min=120 --gpus=1 --cpus=8 --parallel=16 [--wait]
+  python -m launch.sweep --sweep=smoke --root=runs/smoke --processes=2      # 2 processes a run
+  python -m launch.sweep --sweep=SWEEP --root=ROOT --executor=slurm --nodes=2 \
+      --tasks_per_node=4 --gpus=4                                    # 8 GPUs, 8 processes a run
   python -m launch.collect --root=runs/smoke
 
 --sweep is a name in `launch.sweeps.SWEEPS` (smoke, compare_training, latents,
@@ -28,8 +31,10 @@ resumes from its checkpoints) and failed ones are listed and skipped unless
 --retry_failed. The command ends with the state of every run and exits 1 when any
 run is failed.
 
-Several hosts: under Slurm a multi-node run (`nodes` > 1 in submitit) starts with
-`jax.distributed.initialize()`, which reads the Slurm environment; see launch/README.md.
+One run over several processes (`vaekl.distributed`): --processes=P starts each run as
+P local processes (one per GPU) joined by `jax.distributed`, and --executor=slurm
+--nodes=N --tasks_per_node=G --gpus=G as one Slurm job of N * G tasks, one JAX process
+per GPU; see launch/README.md.
 """
 
 import shlex
@@ -62,10 +67,16 @@ def _define_flags() -> None:
     flags.DEFINE_bool("wait", False, "slurm: wait for the jobs to end, then list the states.")
     flags.DEFINE_enum("submitit_cluster", "slurm", ["slurm", "local"],
                       "slurm: submitit's cluster; local runs the jobs as local processes.")
+    flags.DEFINE_integer("processes", None, "local: JAX processes per run, joined by "
+                         "jax.distributed (default 1).")
+    flags.DEFINE_integer("nodes", None, "slurm: nodes per run (default 1).")
+    flags.DEFINE_integer("tasks_per_node", None, "slurm: JAX processes per node, one per GPU "
+                         "(default 1).")
     flags.mark_flags_as_required(["sweep", "root"])
 
 
-_SLURM_ONLY = ("partition", "time_min", "gpus", "cpus", "wait", "submitit_cluster")
+_SLURM_ONLY = ("partition", "time_min", "gpus", "cpus", "wait", "submitit_cluster", "nodes",
+               "tasks_per_node")
 _LAUNCHED = (runs_lib.PENDING, runs_lib.INTERRUPTED)
 
 
@@ -113,13 +124,35 @@ def _check_flags() -> None:
         given = [f"--{f}" for f in _SLURM_ONLY if FLAGS[f].present]
         if given:
             _usage_error(f"{', '.join(given)}: only used with --executor=slurm.")
+    _check_processes()
+
+
+def _check_processes() -> None:
+    """--processes (local) and --nodes, --tasks_per_node (slurm): one JAX process per GPU."""
+    for name in ("processes", "nodes", "tasks_per_node"):
+        value = FLAGS[name].value
+        if value is not None and value < 1:
+            _usage_error(f"--{name}: expected an integer >= 1, got {value}.")
+    if FLAGS.executor == "slurm" and FLAGS["processes"].present:
+        _usage_error("--processes: only used with --executor=local (on Slurm: --nodes,"
+                     " --tasks_per_node).")
+    tasks = FLAGS.tasks_per_node or 1
+    if (FLAGS.nodes or 1) * tasks == 1:
+        return
+    if FLAGS.submitit_cluster == "local":
+        _usage_error("--nodes, --tasks_per_node: need a Slurm cluster; on one machine use"
+                     " --executor=local --processes=P.")
+    if FLAGS.gpus and FLAGS.gpus != tasks:
+        _usage_error(f"--gpus: a multi-process run has one JAX process per GPU; expected"
+                     f" --gpus={tasks} (= --tasks_per_node) or none, got {FLAGS.gpus}.")
 
 
 def _submit(runs: Sequence[runs_lib.Run], root: Path, sweep_name: str) -> None:
     jobs = executors.submit_slurm(
         runs, root / ".submitit", cluster=FLAGS.submitit_cluster, partition=FLAGS.partition,
         time_min=FLAGS.time_min or 60, gpus=FLAGS.gpus or 0, cpus=FLAGS.cpus,
-        parallel=FLAGS.parallel, name=Path(sweep_name).name)
+        parallel=FLAGS.parallel, name=Path(sweep_name).name, nodes=FLAGS.nodes or 1,
+        tasks_per_node=FLAGS.tasks_per_node or 1)
     for run, job in zip(runs, jobs):
         print(f"submitted {run.name}: job {job.job_id}", flush=True)
     if FLAGS.wait:
@@ -153,7 +186,7 @@ def main(argv):
     print(f"{header}: starting {len(launch)} of {len(runs)} runs", flush=True)
     if launch and FLAGS.executor == "local":
         try:
-            executors.run_local(launch, FLAGS.parallel or 1)
+            executors.run_local(launch, FLAGS.parallel or 1, processes=FLAGS.processes or 1)
         except KeyboardInterrupt:
             print("interrupted: the running runs were stopped; the same command resumes them.",
                   file=sys.stderr)

@@ -10,6 +10,7 @@ path runs through submitit's local executor (real jobs), and up to `sbatch` with
 import importlib.util
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 
 from launch import collect, runs, sweeps
 from launch.sweeps import Sweep, chain, product, zip_
+from vaekl.workdir import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -227,7 +229,7 @@ def test_local_sweep_finishes_the_good_runs_and_reports_the_failing_one(flaky_ro
     failed = record(root, FAILING_RUN)
     assert failed["status"] == "failed" and failed["returncode"] != 0
     log = root / FAILING_RUN / "log.txt"
-    assert "ZeroDivisionError" in log.read_text()
+    assert "error: a sample variance needs at least 2 draws, got 1." in log.read_text()
     assert f"failed      {FAILING_RUN}  {log}  (exit code {failed['returncode']})" in (
         result.stdout)
     assert "2 done, 1 failed (3 runs)" in result.stdout
@@ -303,6 +305,96 @@ def test_killed_sweep_is_interrupted_then_resumed(tmp_path):
     assert (root / "seed=0" / "results.json").exists()
 
 
+# A training run of 40 short epochs (digits, batch 16): signals land inside training.
+TRAINING_SWEEP = """\
+from launch.sweeps import Sweep
+
+train = Sweep(config="experiments/configs/train.py:quick", runs=[{"seed": 0}],
+              fixed={"num_epochs": 40, "batch_size": 16, "eval_importance_samples": 10})
+"""
+PROGRESS = re.compile(r"train: \d+/\d+ steps")
+STOPPED = re.compile(r"^interrupted at step (\d+); rerun the same command to resume$", re.M)
+
+
+def training_sweep(directory: Path) -> tuple[Path, runs.Run]:
+    """Writes TRAINING_SWEEP; returns its file and its one run under `directory/root`."""
+    sweep_file = directory / "training_sweeps.py"
+    sweep_file.write_text(TRAINING_SWEEP)
+    run, = runs.from_sweep(sweeps.get(f"{sweep_file}:train"), directory / "root")
+    return sweep_file, run
+
+
+def wait_for_training(run: runs.Run, alive) -> None:
+    """Waits until the run's log shows a progress line of its training."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (run.log.exists() and PROGRESS.search(run.log.read_text())):
+        assert time.monotonic() < deadline and alive(), (
+            run.log.read_text() if run.log.exists() else "no log")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_interrupts_a_training_run_which_a_rerun_resumes(tmp_path, monkeypatch):
+    sweep_file, run = training_sweep(tmp_path)
+    args = (f"--sweep={sweep_file}:train", f"--root={tmp_path / 'root'}")
+    # The runs inherit it: the rerun reuses the first attempt's compilations.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "launch.sweep", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_training(run, lambda: proc.poll() is None)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the launcher and its run.
+    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 130, stderr
+    assert "the same command resumes them" in stderr
+    log = run.log.read_text()
+    assert len(STOPPED.findall(log)) == 1 and "Traceback" not in log, log
+    assert record(tmp_path / "root", run.name)["status"] == "interrupted"
+    assert "1 interrupted (1 runs)" in launch(*args, "--status").stdout
+    result = launch(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "starting 1 of 1 runs" in result.stdout and "1 done (1 runs)" in result.stdout
+    assert "sweep: 1/1 runs (100%)" in result.stderr  # The launcher's progress line.
+    step = STOPPED.findall(log)[0]
+    assert f"Resumed from the checkpoint at step {step}." in run.log.read_text()
+    assert record(tmp_path / "root", run.name)["attempts"] == 2
+
+
+def test_a_run_that_a_signal_stopped_is_interrupted_not_failed(tmp_path):
+    _, run = training_sweep(tmp_path)
+    run.path.mkdir(parents=True)
+    write_json(run.record_path, {"status": "running", "attempts": 1})
+    run.log.write_text("")
+    for returncode, status in ((130, "interrupted"), (143, "interrupted"),
+                               (-signal.SIGTERM, "interrupted"), (1, "failed"),
+                               (0, "failed")):  # 0 without results.json
+        assert runs.finish(run, returncode) == status
+        assert runs.state(run).status == status
+    assert "exit code 143: SIGTERM" in run.log.read_text()
+
+
+def test_slurm_warning_signal_checkpoints_the_run_and_requeues_its_job(tmp_path, monkeypatch):
+    from launch import executors
+
+    _, run = training_sweep(tmp_path)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    job, = executors.submit_slurm([run], tmp_path / "root" / ".submitit", cluster="local",
+                                  time_min=10)
+    wait_for_training(run, lambda: not job.done())
+    # What Slurm does before the time limit: USR2 to every process of the job step, here
+    # the job's task (submitit's, which runs SlurmJob) and the run it started.
+    pid = record(tmp_path / "root", run.name)["pid"]
+    task = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    for process in (task, pid):
+        os.kill(process, signal.SIGUSR2)
+    assert job.result() == "done"  # After the requeued job resumed the run.
+    log = run.log.read_text()
+    step = STOPPED.findall(log)
+    assert len(step) == 1 and "=== interrupted at" in log, log
+    assert f"Resumed from the checkpoint at step {step[0]}." in log
+    rec = record(tmp_path / "root", run.name)
+    assert rec["status"] == "done" and rec["attempts"] == 2
+
+
 def test_root_holding_another_sweep_is_refused(flaky_root):
     _, root, _ = flaky_root
     result = launch("--sweep=estimators_smoke", f"--root={root}", "--status")
@@ -368,7 +460,8 @@ def test_sbatch_script_has_the_requested_resources(tmp_path):
     script = (tmp_path / "script.sh").read_text()
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --gpus-per-node=1",
                  "#SBATCH --cpus-per-task=4", "#SBATCH --array=0-1%1",
-                 "#SBATCH --job-name=estimators_smoke", f"cd {REPO}"):
+                 "#SBATCH --job-name=estimators_smoke", "#SBATCH --signal=USR2@120",
+                 f"cd {REPO}"):
         assert line in script.splitlines(), (line, script)
     assert "srun --unbuffered" in script and "-m submitit.core._submit" in script
     assert (tmp_path / "calls.txt").read_text().count("\n") == 1

@@ -7,7 +7,8 @@ Nothing is lost and every error is clear:
   2. a non-finite loss stops training with the step and the metric and keeps the
      last good checkpoint (`on_nan="skip"` skips such steps instead);
   3. a run killed at any point (after a checkpoint, inside a checkpoint write, at
-     random) and rerun ends bitwise equal to an uninterrupted one;
+     random), or stopped by SIGINT or SIGTERM (one line, exit status 130 or 143), and
+     rerun ends bitwise equal to an uninterrupted one;
   4. a corrupt checkpoint is moved aside with a warning and the one before it used;
   5. the same config and seed give the same results.
 
@@ -577,6 +578,90 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
     assert "Resumed from the checkpoint at step" in log
     assert not _writing(workdir)  # Interrupted writes are cleaned up, never restored.
     assert_same_run(workdir, reference.wait().first)
+
+
+PROGRESS = re.compile(r"train: \d+/\d+ steps \(\d+%\), ([\d.e+]+) steps/s")
+STOPPED = re.compile(r"^interrupted at step (\d+); rerun the same command to resume$", re.M)
+
+
+def _signal_in_an_epoch(proc: subprocess.Popen, log: Path, log_from: int, signum: int,
+                        steps_per_epoch: int, fraction: float,
+                        timeout_s: float = 180) -> tuple[int, str]:
+    """Sends `signum` `fraction` of an epoch after the run's first progress line, so inside
+    the epoch after it (the line's rate gives the epoch's time); (return code, its log)."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := PROGRESS.search(log.read_text()[log_from:])):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[log_from:]
+        time.sleep(0.001)
+    time.sleep(fraction * steps_per_epoch / float(found[1]))
+    proc.send_signal(signum)
+    proc.wait(timeout=timeout_s)
+    return proc.returncode, log.read_text()[log_from:]
+
+
+def _assert_stopped_cleanly(returncode: int, log: str, signum: int) -> int:
+    """The run exited 128 + signum with the one line and no traceback; returns its step."""
+    assert returncode == 128 + signum, log
+    assert "Traceback" not in log, log
+    found = STOPPED.findall(log)
+    assert len(found) == 1, log
+    return int(found[0])
+
+
+def test_sigint_and_sigterm_stop_with_a_checkpoint_and_the_rerun_matches(tmp_path, reference):
+    workdir, log = tmp_path / "signalled", tmp_path / "signalled.log"
+    only_interrupts = "--config.checkpoint_every_epochs=0"  # No checkpoint but the signals'.
+    rng = random.Random(1)
+    stopped = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        log_from = len(log.read_text()) if log.exists() else 0
+        proc = _start(workdir, only_interrupts, cache=reference.cache)
+        returncode, text = _signal_in_an_epoch(proc, log, log_from, signum, STEPS_PER_EPOCH,
+                                               rng.uniform(0.0, 1.0))
+        step = _assert_stopped_cleanly(returncode, text, signum)
+        # The epoch in flight was finished and checkpointed: nothing is lost.
+        assert step % STEPS_PER_EPOCH == 0 and step > (stopped or [0])[-1], (step, stopped)
+        assert _steps(workdir)[-1] == step
+        stopped.append(step)
+    text = _run(workdir, only_interrupts, cache=reference.cache)
+    assert f"Resumed from the checkpoint at step {stopped[-1]}." in text
+    assert_same_run(workdir, reference.wait().first)
+
+
+@pytest.mark.slow
+def test_a_flax_sized_run_interrupted_twice_ends_like_an_uninterrupted_one(tmp_path):
+    """The flax preset (binarized MNIST, 784-500-20, batch 128, 390 steps an epoch) for 5
+    epochs: SIGINT inside an epoch, then SIGTERM inside one after the resume's first."""
+    pytest.importorskip("tensorflow")
+    from vaekl import prepare
+
+    manual = REPO.parent / "shared" / "data" / "binarized_mnist"
+    if not manual.exists():
+        pytest.skip(f"shared data not found at {manual}")
+    prepare.prepare("binarized_mnist", manual_dir=manual, data_dir=tmp_path / "tfds")
+    argv = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/train.py:flax",
+            f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_epochs=5"]
+
+    def start(workdir):
+        with open(f"{workdir}.log", "a") as out:
+            return subprocess.Popen([*argv, f"--workdir={workdir}"], cwd=REPO, env=_env(),
+                                    stdout=subprocess.DEVNULL, stderr=out)
+
+    reference = start(tmp_path / "reference")
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    rng = random.Random(2)
+    stopped = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        log_from = len(log.read_text()) if log.exists() else 0
+        returncode, text = _signal_in_an_epoch(start(workdir), log, log_from, signum, 390,
+                                               rng.uniform(0.1, 0.9), timeout_s=1800)
+        stopped.append(_assert_stopped_cleanly(returncode, text, signum))
+        assert _steps(workdir)[-1] == stopped[-1]
+    # Each after the epoch in flight, with its checkpoint: nothing is lost.
+    assert stopped == sorted(set(stopped)) and all(s % 390 == 0 for s in stopped), stopped
+    for proc, name in ((start(workdir), "run"), (reference, "reference")):
+        assert proc.wait(timeout=1800) == 0, (tmp_path / f"{name}.log").read_text()
+    assert_same_run(workdir, tmp_path / "reference")
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,8 +4,12 @@ import json
 import logging
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import jax
@@ -18,6 +22,8 @@ import scipy.stats
 from experiments.configs import train as train_config
 from vaekl import checkpoint, evaluate, linear_gaussian, models, train
 from vaekl import config as vaekl_config
+from vaekl import progress as progress_lib
+from vaekl import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -307,8 +313,125 @@ def test_a_partial_config_trains_outside_app_run_with_its_progress_on_stderr(tmp
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, check=True)
     assert re.search(r"train\.py:\d+\] digits: \d+ parameters", proc.stderr), proc.stderr
-    assert re.search(r"step 23/23 ", proc.stderr), proc.stderr
+    assert re.search(r"train: 23/23 steps ", proc.stderr), proc.stderr
     assert "orbax" not in proc.stderr and "checkpoint_manager" not in proc.stderr
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == json.loads(vaekl_config.complete(
         dict(num_epochs=1, eval_importance_samples=0)).to_json_best_effort())
+
+
+# --- TensorBoard, timestamps, learning curve, interrupts ----------------------------------
+
+def read_events(logdir) -> dict:
+    """TensorBoard's own reader of the event files in `logdir`: tag -> [(step, value)] and
+    the image tags."""
+    # TensorBoard's switch to its TensorFlow stub (as its no-TensorFlow build sets it): the
+    # reader then reads local files without importing TensorFlow.
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    acc.Reload()
+    scalars = {tag: [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)]
+               for tag in acc.Tags()["scalars"]}
+    return scalars, acc.Tags()["images"]
+
+
+def quick(**overrides):
+    """The config of `quick_run`: 3 epochs of 23 steps, an eval after each, checkpoints."""
+    return make_config(**{"eval_every_epochs": 1, "checkpoint_every_epochs": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """An uninterrupted run of `quick()` (copied by tests that change it)."""
+    workdir = tmp_path_factory.mktemp("quick") / "run"
+    train.train_and_evaluate(quick(), str(workdir))
+    return workdir
+
+
+def test_tensorboard_event_files_hold_the_scalars_and_images(quick_run):
+    assert "tensorflow" not in sys.modules  # Written without TensorFlow.
+    scalars, images = read_events(quick_run / "tensorboard")
+    rows = read_metrics(quick_run)
+    for split in ("train", "eval"):
+        split_rows = [r for r in rows if r["split"] == split]
+        names = [k for k, v in split_rows[-1].items()
+                 if k not in ("step", "split", "time") and not isinstance(v, list)]
+        assert len(names) >= 4, names
+        for name in names:
+            want = [(r["step"], pytest.approx(r[name], rel=1e-6), pytest.approx(r["time"]))
+                    for r in split_rows if name in r]
+            assert scalars[f"{split}/{name}"] == want, name
+    per_dim = [r["per_dim_kl"] for r in rows if r["split"] == "eval"][-1]
+    assert [scalars[f"eval_per_dim_kl/{j:02d}"][-1][1] for j in range(20)] == pytest.approx(
+        per_dim, rel=1e-6)
+    assert images == ["images/reconstructions", "images/samples"]
+    # An eval after epochs 1 and 2 of 3, and the final one.
+    assert [s for s, _, _ in scalars["eval/test_elbo"]] == [23, 46, 69]
+    # The steps of an epoch are stamped apart, in order, not all with the epoch's end.
+    times = [r["time"] for r in rows if r["split"] == "train"]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    assert (quick_run / "learning_curve.png").stat().st_size > 0
+
+
+def test_a_resumed_runs_event_files_read_as_one_run(tmp_path, quick_run):
+    workdir = tmp_path / "run"
+    shutil.copytree(quick_run, workdir)
+    before = read_events(workdir / "tensorboard")[0]
+    # The process "died" after the last epoch's events were written but before its checkpoint.
+    shutil.rmtree(workdir / "checkpoints" / "69")
+    train.train_and_evaluate(quick(), str(workdir))
+    after = read_events(workdir / "tensorboard")[0]
+    assert len(list((workdir / "tensorboard").iterdir())) == 2  # One event file a process.
+    for tag in ("train/elbo", "eval/test_elbo"):
+        # The replayed steps replace the first process's (TensorBoard's restart marker),
+        # with the same values: no step twice.
+        assert [(s, v) for s, v, _ in after[tag]] == [(s, v) for s, v, _ in before[tag]], tag
+    steps = [m["step"] for m in read_metrics(workdir) if m["split"] == "train"]
+    assert [s for s, _, _ in after["train/elbo"]] == steps == [10, 20, 30, 40, 50, 60]
+
+
+def test_a_signal_stops_training_with_a_checkpoint_and_the_rerun_ends_alike(
+        tmp_path, quick_run, monkeypatch):
+    advance = progress_lib.Progress.advance
+    calls = []
+
+    def advance_then_signal(self, *args, **kwargs):
+        calls.append("loss" in kwargs)  # The training loop's (evaluation counts batches).
+        if sum(calls) == 2 and calls[-1]:  # After epoch 2: as if SIGTERM came during it.
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # The watcher thread sets the flag.
+        return advance(self, *args, **kwargs)
+
+    monkeypatch.setattr(progress_lib.Progress, "advance", advance_then_signal)
+    config = quick(checkpoint_every_epochs=0)  # No checkpoint but the interrupt's.
+    with pytest.raises(train.interrupt.Interrupted) as info:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert (info.value.step, info.value.signum) == (46, signal.SIGTERM)
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").steps() == [46]
+    assert not (tmp_path / "results.json").exists()
+    monkeypatch.setattr(progress_lib.Progress, "advance", advance)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert_trees_equal(final_state(quick_run), final_state(tmp_path))
+
+    def without_times(workdir):
+        return [{k: v for k, v in m.items() if k != "time"} for m in read_metrics(workdir)]
+
+    assert without_times(tmp_path) == without_times(quick_run)
+
+
+def test_several_seeds_get_an_event_folder_each(tmp_path):
+    writer = workdir_lib.MetricWriter(tmp_path, resume_step=0, seeds=[3, 4])
+    writer.write_scalars(10, {"elbo": [-90.0, -95.0], "per_dim_kl": [[1.0, 2.0], [3.0, 4.0]]},
+                         split="eval", wall_time=1000.0)
+    writer.close()
+    for seed, elbo, kls in ((3, -90.0, [1.0, 2.0]), (4, -95.0, [3.0, 4.0])):
+        scalars, _ = read_events(tmp_path / "tensorboard" / f"seed_{seed}")
+        assert scalars == {"eval/elbo": [(10, elbo, 1000.0)],
+                           "eval_per_dim_kl/0": [(10, kls[0], 1000.0)],
+                           "eval_per_dim_kl/1": [(10, kls[1], 1000.0)]}
+    assert read_metrics(tmp_path) == [{"step": 10, "split": "eval", "time": 1000.0,
+                                       "elbo": [-90.0, -95.0],
+                                       "per_dim_kl": [[1.0, 2.0], [3.0, 4.0]]}]

@@ -15,8 +15,9 @@ __all__ = ["checked", "elbo", "kl", "posteriors", "priors"]
 __version__ = "0.1.0"
 
 # The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.
-LAZY_MODULES = ("bounds", "checkpoint", "config", "data", "evaluate", "linear_gaussian", "logs",
-                "models", "prepare", "train", "validate", "workdir")
+LAZY_MODULES = ("bounds", "checkpoint", "config", "data", "distributed", "evaluate", "interrupt",
+                "linear_gaussian", "logs", "models", "prepare", "progress", "train", "validate",
+                "workdir")
 
 
 def __getattr__(name: str):

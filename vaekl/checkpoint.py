@@ -8,6 +8,11 @@ corrupted files), or whose arrays no longer match the SHA-256 saved with them
 restored; the only good checkpoint is never deleted, since orbax deletes old
 checkpoints only after a newer save has completed. An unreadable checkpoint is
 moved aside (to `corrupt_checkpoint_<step>` beside the directory), not deleted.
+
+Under `jax.distributed` every process calls `save` and `restore_latest`: orbax
+writes each array once (the processes that hold copies share the writing) and
+restores it onto every device of the template's sharding. The directory must be
+one that every process sees; process 0 alone moves an unreadable checkpoint aside.
 """
 
 import hashlib
@@ -86,9 +91,10 @@ class Checkpointer:
     def _quarantine(self, step: int) -> None:
         src = Path(self._manager.directory) / str(step)
         dst = src.parent.parent / f"corrupt_checkpoint_{step}"
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.move(src, dst)
-        logging.warning("Moved the unreadable checkpoint to %s.", dst)
+        if jax.process_index() == 0:
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.move(src, dst)
+            logging.warning("Moved the unreadable checkpoint to %s.", dst)
         # A fresh manager: a failed restore can leave orbax's item layout guessed wrong
         # (a step dir without its item), which would fail every older checkpoint too.
         self._manager.close()

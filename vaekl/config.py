@@ -1,12 +1,14 @@
-"""The training config: its defaults, its presets, and the completion of a partial one.
+"""The training config: its defaults, its presets, the completion of a partial one, its checks.
 
 `get_config(preset)` is what `experiments/configs/train.py` returns, so an installed
 vaekl has the defaults without the experiments folder. `complete(config)` fills a
 partial config (a notebook's `ConfigDict(dict(dataset="digits", num_epochs=2))`) from
-them and refuses a field they do not have; `vaekl.train.train_and_evaluate` calls it.
+them and refuses a field they do not have; `check(config, num_devices=...)` refuses bad
+values with one error naming the field. `vaekl.train.train_and_evaluate` calls both.
 """
 
 import difflib
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -21,6 +23,11 @@ PRESETS = {
     "iwae_quick": "IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)",
     "linear": "a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)",
 }
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae")
+ON_NAN = ("stop", "skip")
 
 
 class UnknownPresetError(LookupError):
@@ -72,9 +79,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.kl_warmup_steps = 0  # Steps over which the KL weight rises linearly to beta.
     c.free_bits = 0.0  # Per-dimension free bits (kl="analytic", standard prior).
     # Optimisation.
-    c.optimizer = "adam"  # One of vaekl.train.OPTIMIZERS.
+    c.optimizer = "adam"  # One of OPTIMIZERS.
     c.learning_rate = 1e-3  # The (peak) learning rate.
-    c.schedule = "constant"  # The learning-rate schedule, one of vaekl.train.SCHEDULES.
+    c.schedule = "constant"  # The learning-rate schedule, one of SCHEDULES.
     c.warmup_steps = 0  # Linear warm-up steps of warmup_cosine.
     c.adam_b1 = 0.9  # Adam's beta1.
     c.adam_b2 = 0.999  # Adam's beta2.
@@ -168,3 +175,97 @@ def complete(config) -> ml_collections.ConfigDict:
         except TypeError as e:
             raise TypeError(f"config.{field}: {e}") from None
     return full
+
+
+def check(config, *, num_devices: int) -> None:
+    """Raises one error naming the first field of a complete `config` that is bad.
+
+    Checked before anything loads: the choices, the numbers' ranges, the fields that
+    must agree with each other (the KL term with the (posterior, prior) pair, the
+    objective's fields), and a batch that splits over the `num_devices`.
+
+    Raises:
+      ValueError: `config.<field>: ...`, naming what was expected.
+    """
+    from vaekl import bounds, elbo, models, posteriors, validate  # JAX: not for config files.
+
+    objectives = ("elbo",) + bounds.OBJECTIVES
+    for field, allowed in (("kl", elbo.KL_TERMS), ("objective", objectives),
+                           ("grad_estimator", bounds.GRAD_ESTIMATORS), ("optimizer", OPTIMIZERS),
+                           ("schedule", SCHEDULES), ("on_nan", ON_NAN), ("prior", models.PRIORS),
+                           ("posterior", posteriors.FAMILIES),
+                           ("kind", models.KINDS), ("activation", models.ACTIVATIONS),
+                           ("init", models.INITS)):
+        validate.config_choice(config, field, allowed)
+    if config.get("likelihood"):
+        validate.config_choice(config, "likelihood", models.LIKELIHOODS)
+    for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples",
+                  "iaf_steps", "num_pseudo_inputs"):
+        validate.config_int(config, field, minimum=1)
+    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps", "iaf_context"):
+        validate.config_int(config, field, minimum=0)
+    if not config.learning_rate > 0:
+        raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")
+    if config.beta < 0 or config.free_bits < 0:
+        raise ValueError("config.beta and config.free_bits: expected >= 0.")
+    if config.free_bits and (config.kl != "analytic" or config.prior != "standard"
+                             or config.posterior != "diag"):
+        raise ValueError("config.free_bits: per-dimension free bits need kl='analytic',"
+                         " prior='standard' and posterior='diag' (got kl="
+                         f"{config.kl!r}, prior={config.prior!r}, posterior={config.posterior!r}).")
+    _check_kl_term(config)
+    _check_objective(config)
+    for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
+        widths = config[field]
+        if any(not isinstance(h, int) or h < 1 for h in widths) or not (widths or allow_empty):
+            raise ValueError(f"config.{field}: expected a tuple of ints >= 1"
+                             f"{'' if allow_empty else ' (at least one)'}, got {widths!r}.")
+    if config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size: {config.batch_size} must be divisible by the"
+                         f" {num_devices} devices it is sharded over.")
+
+
+def _check_kl_term(config):
+    """config.kl applies to the (config.posterior, config.prior) pair (by `check`)."""
+    from vaekl import models, posteriors
+
+    terms = posteriors.kl_terms(config.posterior, config.prior in models.GAUSSIAN_PRIORS)
+    if config.objective == "elbo" and config.kl not in terms:
+        pair = (f"posterior={config.posterior!r} with prior={config.prior!r}"
+                f" ({posteriors.pair_name(config.posterior, config.prior)})")
+        reason = ("has no closed form for " if config.kl == "analytic"
+                  else "needs q's entropy in closed form, which is not known for ")
+        raise ValueError(f"config.kl: {config.kl!r} {reason}{pair}; the KL terms that work for"
+                         f" this pair: {terms}.")
+    if config.objective != "elbo" and config.posterior != "diag":
+        raise ValueError(
+            f"config.posterior: the objective {config.objective!r} (vaekl.bounds) takes a"
+            f" diagonal Gaussian q only; got posterior={config.posterior!r} (use"
+            " objective='elbo').")
+
+
+def _check_objective(config):
+    """The objective's fields agree with each other (called by `check`)."""
+    objective = config.objective
+    if objective == "elbo":
+        if config.grad_estimator != "reparam":
+            raise ValueError(
+                f"config.grad_estimator: {config.grad_estimator!r} is for the importance-"
+                "weighted objectives; with objective='elbo' the gradient follows config.kl"
+                " (kl='stl' is sticking the landing; DReG with K = 1 is STL too).")
+    elif config.kl != "analytic" or config.beta != 1.0 or config.kl_warmup_steps \
+            or config.free_bits:
+        raise ValueError(
+            f"config.objective: {objective!r} samples its KL inside the bound; config.kl,"
+            " beta, kl_warmup_steps and free_bits apply to objective='elbo' only (got"
+            f" kl={config.kl!r}, beta={config.beta}, kl_warmup_steps="
+            f"{config.kl_warmup_steps}, free_bits={config.free_bits}).")
+    if config.outer_samples > 1 and objective not in ("miwae", "piwae"):
+        raise ValueError(f"config.outer_samples: M = {config.outer_samples} is for"
+                         f" objective 'miwae' or 'piwae', not {objective!r}.")
+    if not 0.0 <= config.ciwae_beta <= 1.0:
+        raise ValueError(f"config.ciwae_beta: expected a number in [0, 1], got"
+                         f" {config.ciwae_beta!r}.")
+    if not math.isfinite(config.renyi_alpha):
+        raise ValueError(f"config.renyi_alpha: expected a finite number, got"
+                         f" {config.renyi_alpha!r}.")

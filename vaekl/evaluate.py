@@ -5,7 +5,9 @@ with the analytic KL where the (posterior, prior) pair has one, k1 otherwise.
 
 The test set is padded to whole batches, each evaluated by one jitted call (the
 same executable for every batch); the figures are means over the real
-(unpadded) examples, in nats per example.
+(unpadded) examples, in nats per example. With a device mesh each batch is split
+over its devices (of one process or several), its size rounded up to a multiple
+of their number, and the per-example figures gathered back onto every device.
 """
 
 import functools
@@ -15,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import elbo, kl, linear_gaussian, models, posteriors
+from vaekl import distributed, elbo, kl, linear_gaussian, models, posteriors
+from vaekl import progress as progress_lib
 from vaekl.priors import DiagNormal
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
@@ -66,9 +69,12 @@ def has_exact_marginal(model: models.VAE) -> bool:
 class Evaluator:
     """Evaluates parameters (of one seed, or stacked over seeds) on a test set."""
 
-    def __init__(self, model: models.VAE, config, test_data, keys, *, vmapped: bool):
+    def __init__(self, model: models.VAE, config, test_data, keys, *, vmapped: bool,
+                 mesh: jax.sharding.Mesh | None = None):
         self._model, self._config, self._keys, self._vmapped = model, config, keys, vmapped
-        batch = min(config.eval_batch_size, len(test_data))
+        self._mesh = mesh
+        devices = 1 if mesh is None else mesh.size
+        batch = -(-min(config.eval_batch_size, len(test_data)) // devices) * devices
         num_batches = -(-len(test_data) // batch)
         pad = num_batches * batch - len(test_data)
         x = np.concatenate([test_data.x, np.zeros((pad, test_data.dim), np.float32)])
@@ -109,13 +115,15 @@ class Evaluator:
 
         if self._vmapped:
             one_batch = jax.vmap(one_batch, in_axes=(0, None, 0))
-        return jax.jit(one_batch)
+        return jax.jit(one_batch, out_shardings=distributed.replicated(self._mesh))
 
-    def _per_example(self, params, importance_samples: int) -> dict:
+    def _per_example(self, params, importance_samples: int, stop=None) -> dict:
         """Figures per test example, [N, ...] (or [seeds, N, ...]), as NumPy arrays.
 
         A Python loop over test batches, one device call each: memory stays that
-        of one batch (with `eval_chunk_size` importance samples at a time).
+        of one batch (with `eval_chunk_size` importance samples at a time). Progress
+        is logged once it has taken 5 s; `stop()`, if given, is called after each batch
+        (it raises to abandon the evaluation).
         """
         fn = self._batch_fn(importance_samples)
         num_batches = self._x.shape[0]
@@ -123,19 +131,26 @@ class Evaluator:
         keys = (jax.vmap(split)(self._keys["eval"]) if self._vmapped
                 else split(self._keys["eval"]))
         axis = 1 if self._vmapped else 0
-        # Fetching each batch before the next is dispatched keeps one batch in flight.
-        outs = [jax.tree.map(np.asarray, fn(params, self._x[i],
-                                            keys[:, i] if self._vmapped else keys[i]))
-                for i in range(num_batches)]
+        what = f"eval (IWAE-{importance_samples})" if importance_samples else "eval"
+        progress = progress_lib.Progress(what, num_batches, unit="batches", quiet_s=5.0)
+        outs = []
+        for i in range(num_batches):
+            # Fetching each batch before the next is dispatched keeps one batch in flight.
+            x = distributed.shard_batch(self._x[i], self._mesh)
+            outs.append(jax.tree.map(np.asarray, fn(params, x, keys[:, i] if self._vmapped
+                                                    else keys[i])))
+            progress.advance(1)
+            if stop is not None:
+                stop()
         return {k: np.concatenate([o[k] for o in outs], axis).take(np.arange(self._n), axis)
                 for k in outs[0]}
 
-    def summary(self, params, *, importance_samples: int) -> dict:
+    def summary(self, params, *, importance_samples: int, stop=None) -> dict:
         """Scalars (lists over seeds when vmapped): test ELBO, rate, distortion, ...
 
-        `importance_samples` = 0 skips the IWAE estimate.
+        `importance_samples` = 0 skips the IWAE estimate; `stop` as in `_per_example`.
         """
-        out = self._per_example(params, importance_samples)
+        out = self._per_example(params, importance_samples, stop)
         figures = {
             "test_elbo": out["elbo"].mean(-1),
             "test_rate": out["rate"].mean(-1),
@@ -166,12 +181,13 @@ class Evaluator:
         return {**means, **stds, **extra, "seeds": seeds}
 
     def write_images(self, workdir: Path, params, keys, *, epoch: int, step: int,
-                     test_elbo) -> None:
+                     test_elbo) -> dict:
         """reconstructions.png (test images over their reconstructions) and samples.png.
 
         Each is titled with the data set, `epoch`, `step` and `test_elbo` (the
         summary's; of the first seed, whose images these are, when vmapped) and
-        says what its rows are.
+        says what its rows are. Returns the two grids [rows * (H + 1), cols * (W + 1)]
+        of grey values in [0, 1], by name, for TensorBoard.
         """
         if self._vmapped:
             params, keys = jax.tree.map(lambda v: v[0], (params, keys))
@@ -196,6 +212,9 @@ class Evaluator:
                    " (decoder mean at the encoder mean)", ("test images", "reconstructions"))
         _save_grid(workdir / "samples.png", np.asarray(samples), shape, 8,
                    f"{when}\n{len(samples)} samples: decoder means at z drawn from the prior")
+        return {name: _grid(np.asarray(images).reshape((-1,) + shape), cols)
+                for name, images, cols in (("reconstructions", np.concatenate([x, recon]), 16),
+                                           ("samples", samples, 8))}
 
     def _mean_image(self, out):
         return jax.nn.sigmoid(out) if self._likelihood == "bernoulli" else out
@@ -229,3 +248,39 @@ def _grid(images: np.ndarray, cols: int) -> np.ndarray:
         r, c = divmod(i, cols)
         grid[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = img
     return grid
+
+
+def write_learning_curve(rows: list[dict], path: Path, *, title: str) -> None:
+    """A PNG of the train ELBO against the step, with the eval figures as points.
+
+    Args:
+      rows: metrics.jsonl rows (`workdir.read_metrics`); a figure that is a list holds
+        one value per seed, each drawn.
+      path: the PNG to write.
+      title: the figure's title (data set, KL term, epochs).
+    """
+    from matplotlib.figure import Figure  # No pyplot: no global backend for a notebook to lose.
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for split, field, style in (("train", "elbo", dict(lw=1, label="train ELBO (window mean)")),
+                                ("eval", "test_elbo", dict(marker="o", ls="", label="test ELBO")),
+                                ("eval", "test_log_likelihood",
+                                 dict(marker="^", ls="", label="test log p(x), IWAE"))):
+        points = [(r["step"], np.atleast_1d(r[field])) for r in rows
+                  if r["split"] == split and field in r]
+        if points:
+            steps = [p[0] for p in points]
+            values = np.array([p[1] for p in points], np.float64)  # [points, seeds]
+            lines = ax.plot(steps, values, **style)
+            for extra in lines[1:]:
+                extra.set_label("_nolegend_")  # One legend entry for all seeds.
+                extra.set_color(lines[0].get_color())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("nats per example (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -9,13 +9,20 @@ parameters are bitwise equal.
 
 `config.num_seeds > 1` trains that many seeds (config.seed, config.seed + 1, ...)
 in one program: with `jax.vmap` on accelerators, one seed after another
-(`lax.map`) on CPUs, where that is faster; with several local devices the batch
-is sharded over them (`jax.sharding`, parameters replicated).
+(`lax.map`) on CPUs, where that is faster.
+
+With several devices, of this process or of several (`vaekl.distributed`), the
+batch is sharded over all of them (one global mesh) and the parameters are
+replicated. Every process holds the whole (small) training set on each of its
+devices, and computes the same permutation, so each device gathers only its own
+rows of each batch inside the jitted epoch: no data cross between processes, only
+the gradients' all-reduce. Evaluation batches are sharded the same way. Process 0
+alone writes the workdir's files; all processes save and restore the checkpoints
+(orbax's multi-process protocol).
 """
 
 import functools
 import json
-import math
 import time
 from typing import Any, NamedTuple
 
@@ -24,16 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
-from vaekl import bounds, checkpoint, elbo, evaluate, kl, logs, models, posteriors, validate
+from vaekl import bounds, checkpoint, distributed, elbo, evaluate, interrupt, kl, logs, models
 from vaekl import config as config_lib
+from vaekl import progress as progress_lib
 from vaekl import workdir as workdir_lib
-
-OBJECTIVES = ("elbo",) + bounds.OBJECTIVES
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae")
-ON_NAN = ("stop", "skip")
 
 
 class TrainState(NamedTuple):
@@ -156,7 +158,7 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
     loss_fn = make_loss_fn(model, config)
     batch_size, skip_bad = config.batch_size, config.on_nan == "skip"
     log_every = config.log_every_steps
-    batch_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = distributed.batch_sharded(mesh)
 
     def grad_norm(grads, step):
         if skip_bad:
@@ -207,14 +209,17 @@ def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, bina
     `keys` are the seeds' keys (config.seed, config.seed + 1, ... stacked when
     config.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
     train_x) -> (state, metrics) are jitted, over several seeds vmapped, and the
-    epoch donates the state. `vmap_seeds=False` maps the epoch over the seeds
-    instead (`_seed_after_seed`); by default it does so on CPUs.
+    epoch donates the state; with a `mesh` both return arrays replicated over it.
+    `vmap_seeds=False` maps the epoch over the seeds instead (`_seed_after_seed`);
+    by default it does so on CPUs.
     """
     num_seeds = config.num_seeds
     keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
     keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
     vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
-    init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)))
+    replicated = distributed.replicated(mesh)
+    init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)),
+                   out_shardings=replicated)
     epoch_fn = make_epoch_fn(model, config, tx, steps_per_epoch=steps_per_epoch,
                              binarize=binarize, mesh=mesh)
     if vmap_seeds is None:
@@ -223,7 +228,7 @@ def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, bina
         epoch_fn = _seed_after_seed(epoch_fn)
     else:
         epoch_fn = vmap(epoch_fn, in_axes=(0, 0, None, None))
-    return keys, init, jax.jit(epoch_fn, donate_argnums=(0,))
+    return keys, init, jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=replicated)
 
 
 def _seed_after_seed(epoch_fn):
@@ -242,84 +247,11 @@ def _seed_after_seed(epoch_fn):
     return mapped
 
 
-def _check_config(config, num_devices: int):
-    for field, allowed in (("kl", elbo.KL_TERMS), ("objective", OBJECTIVES),
-                           ("grad_estimator", bounds.GRAD_ESTIMATORS), ("optimizer", OPTIMIZERS),
-                           ("schedule", SCHEDULES), ("on_nan", ON_NAN), ("prior", models.PRIORS),
-                           ("posterior", posteriors.FAMILIES),
-                           ("kind", models.KINDS), ("activation", models.ACTIVATIONS),
-                           ("init", models.INITS)):
-        validate.config_choice(config, field, allowed)
-    if config.get("likelihood"):
-        validate.config_choice(config, "likelihood", models.LIKELIHOODS)
-    for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples",
-                  "iaf_steps", "num_pseudo_inputs"):
-        validate.config_int(config, field, minimum=1)
-    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps", "iaf_context"):
-        validate.config_int(config, field, minimum=0)
-    if not config.learning_rate > 0:
-        raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")
-    if config.beta < 0 or config.free_bits < 0:
-        raise ValueError("config.beta and config.free_bits: expected >= 0.")
-    if config.free_bits and (config.kl != "analytic" or config.prior != "standard"
-                             or config.posterior != "diag"):
-        raise ValueError("config.free_bits: per-dimension free bits need kl='analytic',"
-                         " prior='standard' and posterior='diag' (got kl="
-                         f"{config.kl!r}, prior={config.prior!r}, posterior={config.posterior!r}).")
-    _check_kl_term(config)
-    _check_objective(config)
-    for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
-        widths = config[field]
-        if any(not isinstance(h, int) or h < 1 for h in widths) or not (widths or allow_empty):
-            raise ValueError(f"config.{field}: expected a tuple of ints >= 1"
-                             f"{'' if allow_empty else ' (at least one)'}, got {widths!r}.")
-    if config.batch_size % num_devices:
-        raise ValueError(f"config.batch_size: {config.batch_size} must be divisible by the"
-                         f" {num_devices} devices it is sharded over.")
-
-
-def _check_kl_term(config):
-    """config.kl applies to the (config.posterior, config.prior) pair (by `_check_config`)."""
-    terms = posteriors.kl_terms(config.posterior, config.prior in models.GAUSSIAN_PRIORS)
-    if config.objective == "elbo" and config.kl not in terms:
-        pair = (f"posterior={config.posterior!r} with prior={config.prior!r}"
-                f" ({posteriors.pair_name(config.posterior, config.prior)})")
-        reason = ("has no closed form for " if config.kl == "analytic"
-                  else "needs q's entropy in closed form, which is not known for ")
-        raise ValueError(f"config.kl: {config.kl!r} {reason}{pair}; the KL terms that work for"
-                         f" this pair: {terms}.")
-    if config.objective != "elbo" and config.posterior != "diag":
-        raise ValueError(
-            f"config.posterior: the objective {config.objective!r} (vaekl.bounds) takes a"
-            f" diagonal Gaussian q only; got posterior={config.posterior!r} (use"
-            " objective='elbo').")
-
-
-def _check_objective(config):
-    """The objective's fields agree with each other (called by `_check_config`)."""
-    objective = config.objective
-    if objective == "elbo":
-        if config.grad_estimator != "reparam":
-            raise ValueError(
-                f"config.grad_estimator: {config.grad_estimator!r} is for the importance-"
-                "weighted objectives; with objective='elbo' the gradient follows config.kl"
-                " (kl='stl' is sticking the landing; DReG with K = 1 is STL too).")
-    elif config.kl != "analytic" or config.beta != 1.0 or config.kl_warmup_steps \
-            or config.free_bits:
-        raise ValueError(
-            f"config.objective: {objective!r} samples its KL inside the bound; config.kl,"
-            " beta, kl_warmup_steps and free_bits apply to objective='elbo' only (got"
-            f" kl={config.kl!r}, beta={config.beta}, kl_warmup_steps="
-            f"{config.kl_warmup_steps}, free_bits={config.free_bits}).")
-    if config.outer_samples > 1 and objective not in ("miwae", "piwae"):
-        raise ValueError(f"config.outer_samples: M = {config.outer_samples} is for"
-                         f" objective 'miwae' or 'piwae', not {objective!r}.")
-    if not 0.0 <= config.ciwae_beta <= 1.0:
-        raise ValueError(f"config.ciwae_beta: expected a number in [0, 1], got"
-                         f" {config.ciwae_beta!r}.")
-    if not math.isfinite(config.renyi_alpha):
-        raise ValueError(f"config.renyi_alpha: expected a finite number, got"
-                         f" {config.renyi_alpha!r}.")
+def _objective_name(config) -> str:
+    """How plot titles name the training objective, e.g. "kl=analytic" or "iwae K=5, dreg"."""
+    if config.objective == "elbo":
+        return f"kl={config.kl}" + (f", K={config.num_samples}" if config.num_samples > 1 else "")
+    return f"{config.objective} K={config.num_samples}, {config.grad_estimator}"
 
 
 def load_data(config):
@@ -335,11 +267,18 @@ def load_data(config):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains the VAE of `config`, evaluates it, and writes everything to `workdir`.
 
-    Rerunning with the same workdir resumes from the latest checkpoint.
+    Rerunning with the same workdir resumes from the latest checkpoint. Under
+    `jax.distributed` every process calls this with the same arguments.
 
-    Writes `config.json`, `metrics.jsonl` (train and eval scalars by step),
-    `results.json` (final figures), `checkpoints/` (orbax) and PNG grids of
-    reconstructions and samples for image data.
+    Writes `config.json`, `metrics.jsonl` (train and eval scalars by step) and the
+    same scalars as TensorBoard event files in `tensorboard/`, `results.json` (final
+    figures), `checkpoints/` (orbax), `learning_curve.png`, and PNG grids of
+    reconstructions and samples for image data (in TensorBoard too).
+
+    SIGINT or SIGTERM stops it after the epoch in flight (or between evaluation
+    batches) with a checkpoint of the last completed epoch, raising
+    `interrupt.Interrupted`; a second SIGINT ends the process at once. Under
+    `jax.distributed` a signal to any process stops them all at the same point.
 
     Returns:
       The results dict written to results.json.
@@ -347,8 +286,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logs.show_info()  # Progress lines in a notebook too, where no absl app set up logging.
     config = config_lib.complete(config)  # A partial config takes the defaults' other fields.
     start_time = time.time()
-    devices = jax.local_devices()
-    _check_config(config, len(devices))
+    devices, primary = jax.devices(), distributed.is_primary()
+    config_lib.check(config, num_devices=len(devices))
     workdir_lib.prepare_workdir(workdir)  # An unusable workdir fails before the data loads.
     train_data, test_data = load_data(config)
     if config.batch_size > len(train_data):
@@ -356,79 +295,128 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          f" {len(train_data)} training examples of {config.dataset!r}.")
     # config.json is written only now: a config its data refuse leaves no run behind that
     # would block the corrected config from this workdir.
-    work = workdir_lib.prepare(workdir, config)
+    work = workdir_lib.prepare(workdir, config, write=primary)
     model = create_model(config, train_data)
     steps_per_epoch = len(train_data) // config.batch_size
     total_steps = config.num_epochs * steps_per_epoch
     tx = create_optimizer(config, steps_per_epoch)
-    mesh = None
-    if len(devices) > 1:
-        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                             axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    train_x = jax.device_put(train_data.x, replicated)
+    mesh = distributed.data_mesh()
+    train_x = jax.device_put(train_data.x, distributed.replicated(mesh))
     num_seeds = config.num_seeds
     keys, init, epoch_step = training_fns(model, config, tx, data_dim=train_data.dim,
                                           steps_per_epoch=steps_per_epoch,
                                           binarize=train_data.dynamic_binarization, mesh=mesh)
-    state = jax.device_put(init(keys), replicated)
+    state = init(keys)
 
     ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
-    step, restored = ckpt.restore_latest(state)
+    step, state = ckpt.restore_latest(state)  # Sharded like the template: replicated.
     if step is not None:
-        state = jax.device_put(restored, replicated)
         logging.info("Resumed from the checkpoint at step %d.", step)
     step = step or 0
-    metrics_log = workdir_lib.MetricsLog(work / "metrics.jsonl", truncate_after=step,
-                                         redo_eval=step == total_steps)
+    writer = workdir_lib.MetricWriter(
+        work, resume_step=step, redo_eval=step == total_steps, enabled=primary,
+        seeds=range(config.seed, config.seed + num_seeds) if num_seeds > 1 else None)
     num_params = sum(x.size for x in jax.tree.leaves(state.params)) // num_seeds
     logging.info("%s: %d parameters per seed, %d steps per epoch, %d epochs, %d seed(s).",
                  config.dataset, num_params, steps_per_epoch, config.num_epochs, num_seeds)
 
-    evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1)
+    evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1,
+                                   mesh=mesh)
     train_wall = workdir_lib.read_train_wall(work)
     first_epoch = step // steps_per_epoch
-    progress = workdir_lib.Progress(total_steps, first_step=step)
-    last_save = time.time()
-    for epoch in range(first_epoch, config.num_epochs):
-        t0 = time.time()
-        state, metrics = epoch_step(state, keys, epoch, train_x)
-        metrics = jax.tree.map(np.asarray, metrics)  # The one host sync of the epoch.
-        train_wall += time.time() - t0
-        step = (epoch + 1) * steps_per_epoch
-        _check_finite(metrics, epoch * steps_per_epoch, config, ckpt)
-        metrics_log.write_train(metrics, first_step=epoch * steps_per_epoch + 1,
-                                every=config.log_every_steps, at_step=("grad_norm",))
-        if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
-                and epoch + 1 < config.num_epochs:
-            metrics_log.write(step, "eval", evaluator.summary(
-                state.params, importance_samples=config.eval_importance_samples_during))
-        every = config.checkpoint_every_epochs
-        if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
-                or time.time() - last_save >= config.checkpoint_every_secs:
-            ckpt.save(step, state)
-            workdir_lib.write_train_wall(work, train_wall)
-            last_save = time.time()
-        progress.report(step, metrics)
-    ckpt.close()
 
-    summary = evaluator.summary(state.params, importance_samples=config.eval_importance_samples)
-    metrics_log.write(step, "eval", summary)
-    results = evaluator.results(summary, num_seeds)
-    results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
-                   total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
-                   dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
-                   objective=config.objective, grad_estimator=config.grad_estimator,
-                   outer_samples=config.outer_samples,
-                   seed=config.seed, num_seeds=num_seeds, devices=len(devices),
-                   platform=devices[0].platform)
-    workdir_lib.write_results(work, results)
-    if len(train_data.shape) == 3:
-        evaluator.write_images(work, state.params, keys, epoch=step // steps_per_epoch,
-                               step=step, test_elbo=summary["test_elbo"])
+    def save():
+        ckpt.save(step, state)
+        if primary:
+            workdir_lib.write_train_wall(work, train_wall)
+        writer.flush()
+
+    def stop_if_signalled():
+        """After SIGINT or SIGTERM: a checkpoint of `step` (unless there is one), Interrupted.
+
+        The processes of a run stop together, on the signal any of them got (the save is
+        a collective): each calls this at the same points.
+        """
+        signum = distributed.shared_signal(stop.signum)
+        if signum is not None:
+            if step and step not in ckpt.steps():
+                save()
+            raise interrupt.Interrupted(step, signum)
+
+    try:
+        with interrupt.deferred_signals() as stop:
+            if first_epoch < config.num_epochs:
+                train_wall += _compile(epoch_step, state, keys, first_epoch, train_x)
+                stop_if_signalled()
+            progress = progress_lib.Progress("train", total_steps, unit="steps", done=step,
+                                             first_is_warmup=False)
+            last_save = time.time()
+            for epoch in range(first_epoch, config.num_epochs):
+                t0 = time.time()
+                state, metrics = epoch_step(state, keys, epoch, train_x)
+                metrics = jax.tree.map(np.asarray, metrics)  # The one host sync of the epoch.
+                t1 = time.time()
+                train_wall += t1 - t0
+                step = (epoch + 1) * steps_per_epoch
+                _check_finite(metrics, epoch * steps_per_epoch, config, ckpt)
+                writer.write_train(metrics, first_step=epoch * steps_per_epoch + 1,
+                                   every=config.log_every_steps, at_step=("grad_norm",),
+                                   start_time=t0, end_time=t1)
+                if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
+                        and epoch + 1 < config.num_epochs:
+                    writer.write_scalars(step, evaluator.summary(
+                        state.params, importance_samples=config.eval_importance_samples_during,
+                        stop=stop_if_signalled), split="eval")
+                every = config.checkpoint_every_epochs
+                if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
+                        or distributed.agree(time.time() - last_save >=
+                                             config.checkpoint_every_secs):
+                    save()
+                    last_save = time.time()
+                progress.advance(steps_per_epoch, loss=float(np.mean(metrics["loss"])))
+                stop_if_signalled()
+            summary = evaluator.summary(state.params,
+                                        importance_samples=config.eval_importance_samples,
+                                        stop=stop_if_signalled)
+        writer.write_scalars(step, summary, split="eval")
+        results = evaluator.results(summary, num_seeds)
+        results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
+                       total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
+                       dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
+                       objective=config.objective, grad_estimator=config.grad_estimator,
+                       outer_samples=config.outer_samples,
+                       seed=config.seed, num_seeds=num_seeds, devices=len(devices),
+                       processes=jax.process_count(), platform=devices[0].platform)
+        if primary:
+            workdir_lib.write_results(work, results)
+            if len(train_data.shape) == 3:  # On this process's device, from a host copy.
+                writer.write_images(step, evaluator.write_images(
+                    work, jax.device_get(state.params), keys, epoch=step // steps_per_epoch,
+                    step=step, test_elbo=summary["test_elbo"]))
+    finally:
+        ckpt.close()
+        writer.close()
+    if primary:
+        evaluate.write_learning_curve(
+            workdir_lib.read_metrics(work / "metrics.jsonl"), work / "learning_curve.png",
+            title=f"{config.dataset}, {_objective_name(config)}, {config.num_epochs} epochs")
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items()
                                             if not isinstance(v, (list, dict))}))
     return results
+
+
+def _compile(epoch_step, *args) -> float:
+    """Compiles the epoch before its first call, with a line first; returns the seconds.
+
+    Compiled apart, the first epoch's time, the rate and the time left are those of
+    training alone; the jitted function then reuses the executable.
+    """
+    logging.info("train: compiling the epoch ...")
+    start = time.time()
+    epoch_step.lower(*args).compile()
+    seconds = time.time() - start
+    logging.info("train: compiled in %s.", progress_lib.format_duration(seconds))
+    return seconds
 
 
 def _check_finite(metrics: dict, first_step: int, config, ckpt):

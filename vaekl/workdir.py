@@ -1,18 +1,21 @@
-"""The files of a run's workdir: config.json, metrics.jsonl, results.json, progress.
+"""The files of a run's workdir: config.json, metrics and images, results.json, progress.
 
 Every write is atomic (a temporary file renamed over the target), so a killed
 process never leaves a half-written JSON file, and nothing already written is
 lost when a run is resumed or rejected.
 """
 
+import io
+import itertools
 import json
 import os
+import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import logging
 
 # Fields that may differ when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = ("num_epochs", "eval_importance_samples", "eval_every_epochs",
@@ -69,8 +72,10 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def prepare(workdir: str, config) -> Path:
+def prepare(workdir: str, config, *, write: bool = True) -> Path:
     """Creates the workdir and writes config.json, or checks it against a previous run's.
+
+    `write=False` only checks (the processes of a multi-process run other than process 0).
 
     Raises:
       ValueError: when the workdir holds a run whose config differs in a field
@@ -91,7 +96,8 @@ def prepare(workdir: str, config) -> Path:
             raise ValueError(
                 f"--workdir: {workdir!r} holds a run with a different config ({diffs}); resume"
                 " it with the same config or choose a new --workdir.")
-    write_json(config_path, new)
+    if write:
+        write_json(config_path, new)
     return path
 
 
@@ -109,47 +115,79 @@ def write_results(path: Path, results: dict) -> None:
     write_json(path / "results.json", results)
 
 
-class MetricsLog:
-    """Appends JSON lines {"step", "split", "time" (Unix seconds), scalars...} to metrics.jsonl.
+class MetricWriter:
+    """The one writer of a run's metrics: metrics.jsonl and TensorBoard event files.
 
-    On resume from a checkpoint at step S, lines after S (written by the
-    interrupted process after its last checkpoint) are dropped first, so the
-    replayed steps are neither duplicated nor missing. With `redo_eval` the eval
-    line at S goes too: the final evaluation, written after the last checkpoint
-    by a process killed before it finished, which the resumed one does again.
+    `write_scalars` appends a JSON line {"step", "split", "time" (Unix seconds),
+    scalars...} to metrics.jsonl and writes each scalar to TensorBoard as `split/name`
+    (a vector-valued figure, such as per_dim_kl, as `split_name/i`). `write_images` writes
+    images to TensorBoard (the labelled PNGs are `vaekl.evaluate`'s). The event files
+    are in `tensorboard/` (with `seeds`, one folder `tensorboard/seed_N/` per seed, each
+    value's leading axis being the seeds), so `tensorboard --logdir=WORKDIR` shows them.
+
+    On resume from a checkpoint at step S, metrics.jsonl lines after S (written by the
+    interrupted process after its last checkpoint) are dropped first, so the replayed
+    steps are neither duplicated nor missing. With `redo_eval` the eval line at S goes
+    too: the final evaluation, written after the last checkpoint by a process killed
+    before it finished, which the resumed one does again. The earlier processes' event
+    files stay; each new one starts with TensorBoard's restart marker at step S + 1, on
+    which TensorBoard drops their events from that step on.
+
+    With `enabled=False` (every process of a multi-process run but process 0) it
+    touches no file: no truncation, no event file, every write a no-op.
     """
 
-    def __init__(self, path: Path, *, truncate_after: int, redo_eval: bool = False):
-        self._path = path
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = []
-            for ln in lines:
-                try:
-                    row = json.loads(ln)
-                    if row["step"] < truncate_after or row["step"] == truncate_after and not (
-                            redo_eval and row["split"] == "eval"):
-                        kept.append(ln)
-                except (json.JSONDecodeError, KeyError):
-                    break  # A line cut short by a kill: drop it and what follows.
-            _write_atomic(path, "".join(ln + "\n" for ln in kept))
+    def __init__(self, workdir: Path, *, resume_step: int, redo_eval: bool = False,
+                 seeds: Sequence[int] | None = None, enabled: bool = True):
+        self._workdir, self._path = workdir, workdir / "metrics.jsonl"
+        self._stacked, self._enabled = seeds is not None, enabled
+        self._events = []
+        if not enabled:
+            return
+        _truncate_metrics(self._path, resume_step, redo_eval)
+        folders = ([workdir / "tensorboard" / f"seed_{s}" for s in seeds] if self._stacked
+                   else [workdir / "tensorboard"])
+        self._events = [_EventFile(folder, resume_step) for folder in folders]
 
-    def write(self, step: int, split: str, scalars: dict) -> None:
-        line = json.dumps({"step": int(step), "split": split, "time": time.time(), **scalars},
+    def write_scalars(self, step: int, scalars: dict, *, split: str,
+                      wall_time: float | None = None) -> None:
+        """Writes `scalars` (name -> number or list) of `step`, stamped `wall_time` (now)."""
+        if not self._enabled:
+            return
+        wall_time = time.time() if wall_time is None else wall_time
+        line = json.dumps({"step": int(step), "split": split, "time": wall_time, **scalars},
                           default=_jsonable)
         with open(self._path, "a") as f:
             f.write(line + "\n")
+        for i, events in enumerate(self._events):
+            values = {}
+            for name, value in scalars.items():
+                value = np.asarray(value, np.float64)
+                value = value[i] if self._stacked else value
+                if value.ndim == 0:
+                    values[f"{split}/{name}"] = float(value)
+                else:
+                    width = len(str(value.size - 1))
+                    values.update({f"{split}_{name}/{j:0{width}d}": float(v)
+                                   for j, v in enumerate(value.ravel())})
+            events.scalars(step, values, wall_time)
 
-    def write_train(self, metrics: dict, *, first_step: int, every: int,
-                    at_step: tuple = ()) -> None:
-        """Logs at each step divisible by `every` the mean over the steps since the last log.
+    def write_train(self, metrics: dict, *, first_step: int, every: int, at_step: tuple = (),
+                    start_time: float, end_time: float) -> None:
+        """Writes at each step divisible by `every` the mean over the steps since the last.
+
+        The steps ran inside one device call, from `start_time` to `end_time` (Unix
+        seconds), which gives the host no time of their own: step k of the n in `metrics`
+        is stamped start_time + (end_time - start_time) k / n.
 
         Args:
           metrics: name -> [steps] (or [seeds, steps]) values of consecutive steps.
           first_step: the step number of the first value (steps count from 1).
           every: the logging period in steps.
-          at_step: names logged as their value at the logged step, not the window
+          at_step: names written as their value at the logged step, not the window
             mean (metrics computed only at those steps).
+          start_time: when the call that ran the steps started.
+          end_time: when its results were on the host.
         """
         num = next(iter(metrics.values())).shape[-1]
         for end in range(first_step, first_step + num):
@@ -162,19 +200,101 @@ class MetricsLog:
                 window = (values[..., hi - 1] if name in at_step
                           else np.mean(values[..., lo:hi], axis=-1))
                 row[name] = window.tolist() if window.ndim else float(window)
-            self.write(end, "train", row)
+            self.write_scalars(end, row, split="train",
+                               wall_time=start_time + (end_time - start_time) * hi / num)
+
+    def write_images(self, step: int, images: dict) -> None:
+        """Writes `images` (name -> [H, W] grey values in [0, 1]) to TensorBoard as `images/NAME`.
+
+        (The workdir's labelled PNGs of them are `vaekl.evaluate`'s.)
+        """
+        if not self._enabled:
+            return
+        from PIL import Image
+
+        wall_time = time.time()
+        for name, image in images.items():
+            picture = Image.fromarray((255 * np.clip(image, 0, 1)).astype(np.uint8))
+            encoded = io.BytesIO()
+            picture.save(encoded, format="PNG")
+            self._events[0].image(step, f"images/{name}", encoded.getvalue(), image.shape,
+                                  wall_time)
+
+    def flush(self) -> None:
+        """Makes what was written so far durable in the event files (metrics.jsonl always is)."""
+        for events in self._events:
+            events.flush()
+
+    def close(self) -> None:
+        for events in self._events:
+            events.close()
 
 
-class Progress:
-    """A log line per call with steps/s and the estimated time left."""
+def _truncate_metrics(path: Path, resume_step: int, redo_eval: bool) -> None:
+    """Drops metrics.jsonl lines after `resume_step` (and with `redo_eval` its eval line)."""
+    if not path.exists():
+        return
+    kept = []
+    for ln in (ln for ln in path.read_text().splitlines() if ln.strip()):
+        try:
+            row = json.loads(ln)
+            if row["step"] < resume_step or row["step"] == resume_step and not (
+                    redo_eval and row["split"] == "eval"):
+                kept.append(ln)
+        except (json.JSONDecodeError, KeyError):
+            break  # A line cut short by a kill: drop it and what follows.
+    _write_atomic(path, "".join(ln + "\n" for ln in kept))
 
-    def __init__(self, total_steps: int, *, first_step: int):
-        self._total, self._first, self._start = total_steps, first_step, time.time()
 
-    def report(self, step: int, metrics: dict) -> None:
-        elapsed = time.time() - self._start
-        rate = (step - self._first) / max(elapsed, 1e-9)
-        eta = (self._total - step) / max(rate, 1e-9)
-        loss = float(np.mean(metrics["loss"]))
-        logging.info("step %d/%d  loss %.3f  %.0f steps/s  ETA %.0f s", step, self._total, loss,
-                     rate, eta)
+_EVENT_FILE_COUNT = itertools.count()  # Tells apart the event files one process opens.
+
+
+class _EventFile:
+    """One TensorBoard event file: records of `Event` protos, as TensorBoard reads them.
+
+    It uses tensorboard's record writer and protos on a plain file: tensorboard's
+    `EventFileWriter` (and tensorboardX) would import TensorFlow (PyTorch) when installed.
+    """
+
+    def __init__(self, folder: Path, resume_step: int):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        folder.mkdir(parents=True, exist_ok=True)
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+                f".{os.getpid()}.{next(_EVENT_FILE_COUNT)}")
+        self._records = RecordWriter(open(folder / name, "wb"))
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if resume_step:
+            self._write(event_pb2.Event(
+                wall_time=time.time(), step=resume_step + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self.flush()
+
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def scalars(self, step: int, values: dict, wall_time: float) -> None:
+        summary = self._summary_pb2.Summary(value=[
+            self._summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        self._write(self._event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
+
+    def image(self, step: int, tag: str, png: bytes, shape: tuple, wall_time: float) -> None:
+        image = self._summary_pb2.Summary.Image(height=shape[0], width=shape[1], colorspace=1,
+                                                encoded_image_string=png)
+        summary = self._summary_pb2.Summary(value=[self._summary_pb2.Summary.Value(
+            tag=tag, image=image)])
+        self._write(self._event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        self._records.flush()
+
+    def close(self) -> None:
+        if not self._records.closed:
+            self._records.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in order."""
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]

@@ -15,6 +15,7 @@ from experiments import main
 from experiments.configs import no_closed_form as no_closed_form_config
 from experiments.configs import train as train_config
 from launch import sweeps
+from vaekl import config as vaekl_config
 from vaekl import models, posteriors, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def tiny_config(**overrides):
 def test_each_family_and_prior_trains(posterior, prior, kl):
     """One epoch of train.py's own jitted steps on digits: finite, and the loss falls."""
     config = tiny_config(posterior=posterior, prior=prior, kl=kl, learning_rate=3e-3)
-    train._check_config(config, 1)
+    vaekl_config.check(config, num_devices=1)
     train_data, _ = train.load_data(config)
     model = train.create_model(config, train_data)
     steps = len(train_data) // config.batch_size
@@ -87,7 +88,7 @@ def test_sweep_lists_the_terms_each_pair_allows_and_every_run_is_a_valid_config(
     for run in sweep.runs:
         config = train_config.get_config(arg)
         config.update({**sweep.fixed, **run})
-        train._check_config(config, 1)
+        vaekl_config.check(config, num_devices=1)
 
 
 def test_command_line_trains_an_iaf_with_the_vamp_prior(tmp_path):

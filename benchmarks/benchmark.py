@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -42,15 +43,15 @@ flags.mark_flag_as_required("out")
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, DIM, HIDDEN, LATENTS = 128, 784, 500, 20
+PAUSE_S = 0.5  # Between interleaved contenders (longer than OpenMP's 200 ms spin-wait).
 # The Flax example's model, batch and Adam, with PyTorch's initialisation and a cosine decay
 # from 2e-3 (instead of a constant 1e-3): the same 10 epochs end about 2 nats higher.
-PAUSE_S = 0.5  # Between interleaved contenders (longer than OpenMP's 200 ms spin-wait).
 TIME_TO_ELBO_OVERRIDES = ("--config.init=torch", "--config.learning_rate=2e-3",
                           "--config.schedule=cosine")
 
 
 def _timeit(fns: dict, repeats: int) -> dict:
-    """Calls each of `fns` `repeats` times, interleaved; name -> (min, median, max) seconds.
+    """Calls each of `fns` `repeats` times, interleaved; name -> its `repeats` seconds.
 
     Interleaving gives every contender the same share of the machine's slow
     moments (on a shared 2-core VM a peer timed a minute later can differ by 40%);
@@ -68,26 +69,31 @@ def _timeit(fns: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: (min(t), sorted(t)[len(t) // 2], max(t)) for name, t in times.items()}
+    return times
 
 
 def _stats(times, per=1):
-    lo, med, hi = (t / per for t in times)
+    """min, median (the upper middle one) and max of the seconds `times`, each over `per`."""
+    lo, med, hi = (t / per for t in (min(times), sorted(times)[len(times) // 2], max(times)))
     return {"min": lo, "median": med, "max": hi}
+
+
+def _python(code: str, *args) -> str:
+    """The last line that `python -c code args` prints (this interpreter, run in REPO)."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                         text=True, cwd=REPO, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def _train_config(**overrides):
     from experiments.configs import train as train_config
 
     config = train_config.get_config("flax")
-    for k, v in overrides.items():
-        config[k] = v
+    config.update(overrides)
     return config
 
 
 def _fake_binary_data(n, seed=0):
-    import numpy as np
-
     return (np.random.default_rng(seed).random((n, DIM), dtype=np.float32) < 0.13).astype(
         np.float32)
 
@@ -107,9 +113,8 @@ def vaekl_epoch(steps, num_seeds=1, vmap_seeds=None):
     model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
     tx = train.create_optimizer(config, steps)
     x = jnp.asarray(_fake_binary_data(steps * BATCH))
-    keys, init, step = train.training_fns(model, config, tx, data_dim=DIM,
-                                          steps_per_epoch=steps, binarize=False,
-                                          vmap_seeds=vmap_seeds)
+    keys, init, step = train.training_fns(model, config, tx, data_dim=DIM, steps_per_epoch=steps,
+                                          binarize=False, vmap_seeds=vmap_seeds)
     state = init(keys)
     t0 = time.perf_counter()
     state, _ = step(state, keys, 0, x)
@@ -133,7 +138,6 @@ def matmul_chain(steps):
     w = [jax.random.normal(k[0], (DIM, HIDDEN)), jax.random.normal(k[1], (HIDDEN, 2 * LATENTS)),
          jax.random.normal(k[2], (LATENTS, HIDDEN)), jax.random.normal(k[3], (HIDDEN, DIM))]
     x = jax.random.normal(k[4], (steps, BATCH, DIM))
-    scale = 1e-3
 
     def one(carry, xb):
         # Forward: the four layers' matmuls.
@@ -152,8 +156,7 @@ def matmul_chain(steps):
         g2 = h1.T @ do1
         dh1 = do1 @ w[1].T
         g1 = xb.T @ dh1
-        carry = scale * (g1.sum() + g2.sum() + g3.sum() + g4.sum())
-        return carry, None
+        return 1e-3 * (g1.sum() + g2.sum() + g3.sum() + g4.sum()), None
 
     f = jax.jit(lambda x: jax.lax.scan(one, jnp.zeros(()), x)[0])
     f(x).block_until_ready()
@@ -218,7 +221,6 @@ def bench_iwae(images, samples, repeats):
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from vaekl import elbo, models
 
@@ -269,24 +271,15 @@ def peak_rss_gb() -> float:
 def _iwae_in_subprocess(images, samples, repeats):
     """bench_iwae in a fresh process, so that its peak RSS is the evaluation's own."""
     code = ("import json, sys; from benchmarks.benchmark import bench_iwae, peak_rss_gb;"
-            " t, flops = bench_iwae(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]));"
-            " print(json.dumps({'seconds': t, 'gflop_per_s': flops / t['median'] / 1e9,"
-            " 'peak_rss_gb': peak_rss_gb()}))")
-    out = subprocess.run([sys.executable, "-c", code, str(images), str(samples), str(repeats)],
-                         capture_output=True, text=True, cwd=REPO, check=True)
+            " t, flops = bench_iwae(*map(int, sys.argv[1:])); print(json.dumps({'seconds': t,"
+            " 'gflop_per_s': flops / t['median'] / 1e9, 'peak_rss_gb': peak_rss_gb()}))")
     return {"images": images, "samples": samples,
-            **json.loads(out.stdout.strip().splitlines()[-1])}
+            **json.loads(_python(code, images, samples, repeats))}
 
 
 def bench_import(repeats):
     code = "import time; t = time.perf_counter(); import vaekl; print(time.perf_counter() - t)"
-    times = []
-    for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=REPO, check=True)
-        times.append(float(out.stdout.strip()))
-    times.sort()
-    return _stats((times[0], times[len(times) // 2], times[-1]))
+    return _stats([float(_python(code)) for _ in range(repeats)])
 
 
 def bench_time_to_elbo(data_dir, out, target=-103.6):
@@ -324,12 +317,11 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     quick, repeats = FLAGS.quick, 2 if FLAGS.quick else FLAGS.repeats
     steps = 20 if quick else 390
-    res = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-           "cpu_count": os.cpu_count(), "quick": quick, "sections": sorted(sections)}
     import jax
 
-    res["jax"] = jax.__version__
-    res["device"] = str(jax.devices()[0])
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+           "cpu_count": os.cpu_count(), "quick": quick, "sections": sorted(sections),
+           "jax": jax.__version__, "device": str(jax.devices()[0])}
     if "import" in sections:
         res["import_s"] = bench_import(repeats)
     if "step" in sections:
@@ -360,14 +352,14 @@ def main(argv):
         runs = {"one": vaekl_run, "eight": vaekl_epoch(steps, num_seeds=8)[0]}
         if jax.default_backend() == "cpu":
             runs["eight_vmapped"] = vaekl_epoch(steps, num_seeds=8, vmap_seeds=True)[0]
-        t = _timeit(runs, repeats)
-        res["vaekl_step_8_seeds_s"] = _stats(t["eight"], steps)
-        res["vaekl_step_1_seed_beside_8_s"] = _stats(t["one"], steps)
+        t = {k: _stats(v, steps) for k, v in _timeit(runs, repeats).items()}
+        res["vaekl_step_8_seeds_s"] = t["eight"]
+        res["vaekl_step_1_seed_beside_8_s"] = t["one"]
         # Examples per second per seed x 8 against one seed's examples per second.
-        res["vmap8_vs_1"] = 8 * t["one"][1] / t["eight"][1]
+        res["vmap8_vs_1"] = 8 * t["one"]["median"] / t["eight"]["median"]
         if "eight_vmapped" in t:
-            res["vaekl_step_8_seeds_vmapped_s"] = _stats(t["eight_vmapped"], steps)
-            res["vmap8_vectorised_vs_1"] = 8 * t["one"][1] / t["eight_vmapped"][1]
+            res["vaekl_step_8_seeds_vmapped_s"] = t["eight_vmapped"]
+            res["vmap8_vectorised_vs_1"] = 8 * t["one"]["median"] / t["eight_vmapped"]["median"]
     if "iwae" in sections:
         images, samples = (20, 50) if quick else (FLAGS.iwae_images, 5000)
         res["iwae"] = _iwae_in_subprocess(images, samples, repeats)
@@ -382,9 +374,8 @@ def main(argv):
 
 def _markdown(res):
     keys = ("train_step_vs_torch", "train_step_vs_torch_compile", "train_step_vs_matmul",
-            "iwae5000_peak_rss_gb",
-            "iwae5000_vs_matmul", "vmap8_vs_1", "vmap8_vectorised_vs_1", "time_to_elbo_s",
-            "elbo_after_10_epochs")
+            "iwae5000_peak_rss_gb", "iwae5000_vs_matmul", "vmap8_vs_1", "vmap8_vectorised_vs_1",
+            "time_to_elbo_s", "elbo_after_10_epochs")
     lines = [f"# vaekl benchmark ({res['date']}, {res['machine']}, {res['cpu_count']} CPUs,"
              f" {res['device']})", "", "| key | value |", "|---|---|"]
     for k in keys:
@@ -398,9 +389,8 @@ def _markdown(res):
     for k in ("vaekl_step_s", "matmul_chain_step_s", "torch_eager_step_s", "torch_compile_step_s",
               "vaekl_step_8_seeds_s", "vaekl_step_8_seeds_vmapped_s"):
         if k in res:
-            s = res[k]
-            lines.append(f"| {k} min/median/max (ms) | {1e3 * s['min']:.2f} /"
-                         f" {1e3 * s['median']:.2f} / {1e3 * s['max']:.2f} |")
+            cells = " / ".join(f"{1e3 * res[k][q]:.2f}" for q in ("min", "median", "max"))
+            lines.append(f"| {k} min/median/max (ms) | {cells} |")
     return "\n".join(lines) + "\n"
 
 

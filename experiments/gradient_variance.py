@@ -16,11 +16,11 @@ decoder):
 
 Standard errors (`*_se`): a delete-a-group jackknife. The draws are cut into
 `NUM_GROUPS` consecutive groups; each figure is computed again from the moments
-of all draws but one group's (`moments.leave_one_out`), and SE^2 = (G - 1)/G
-sum_g (theta_(-g) - mean theta_(-.))^2. It needs no formula for the variance of
-an average of P correlated per-parameter variances, covers the SNR (a ratio) and
-the ratios between KL terms (computed from the same keys, so their errors are
-correlated: each replicate's ratio uses the same left-out group for both terms).
+of all draws but one group's (`moments.leave_one_out`, `moments.jackknife_se`).
+It needs no formula for the variance of an average of P correlated per-parameter
+variances, covers the SNR (a ratio) and the ratios between KL terms (computed
+from the same keys, so their errors are correlated: each replicate's ratio uses
+the same left-out group for both terms).
 `batch_elbo_se` is the std of the draws' losses over sqrt(num_draws).
 
 Models and checkpoints:
@@ -49,16 +49,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import report
+from experiments import linear_encoders, report
 from experiments.moments import Moments, jackknife_se, leave_one_out, merge_all
 from vaekl import elbo as elbo_lib
-from vaekl import linear_gaussian, priors
+from vaekl import linear_gaussian
 from vaekl.progress import Progress
 
 COLUMNS = ("model", "checkpoint", "estimator", "encoder_grad_variance", "decoder_grad_variance",
            "encoder_snr", "decoder_snr", "encoder_grad_mean_norm", "batch_elbo", "num_draws")
-RATIO_COLUMNS = ("model", "checkpoint", "analytic_over_k1", "k3_over_k1", "stl_over_k1",
-                 "decoder_analytic_over_k1")
+RATIOS = (("analytic_over_k1", "analytic", "encoder"), ("k3_over_k1", "k3", "encoder"),
+          ("stl_over_k1", "stl", "encoder"), ("decoder_analytic_over_k1", "analytic", "decoder"))
+RATIO_COLUMNS = ("model", "checkpoint", *(name for name, _, _ in RATIOS))
 NUM_GROUPS = 20  # Groups of draws of the jackknife standard errors.
 
 
@@ -93,21 +94,14 @@ def make_grad_fn(loss, split):
 
 
 def measure(grad_fn, params, key, *, num_draws: int, chunk: int, progress=None) -> dict:
-    """Gradient moments over `num_draws` keys (draw i uses fold_in(key, i)).
+    """Gradient figures of `grad_fn` (from `make_grad_fn`) at `params` over `num_draws` draws,
+    `chunk` per device call; draw i uses fold_in(key, i); `progress` (a
+    `vaekl.progress.Progress` counting draws, or None) advances after each call.
 
-    Args:
-      grad_fn: from `make_grad_fn(loss, split)`, loss: (params, key) -> scalar.
-      params: the parameters.
-      key: base key.
-      num_draws: independent gradient draws.
-      chunk: draws per vmapped device call.
-      progress: a `vaekl.progress.Progress` counting draws, or None.
-
-    Returns:
-      The `_grad_figures` of the encoder and decoder gradients with their jackknife
-      SEs (`*_se`); `batch_elbo`: minus the loss, averaged over the draws (the
-      batch-mean ELBO as that KL term estimates it) and its SE; and `jackknife`:
-      each figure's leave-one-group-out replicates [G] (for `ratio_rows`; not written).
+    Returns the `_grad_figures` of the encoder and decoder gradients with their jackknife
+    SEs (`*_se`); `batch_elbo`: minus the loss averaged over the draws (the batch-mean ELBO
+    as that KL term estimates it) and its SE; and `jackknife`: each figure's
+    leave-one-group-out replicates [G] (for `ratio_rows`; not written).
     """
     groups = min(NUM_GROUPS, num_draws)
     enc, dec = [Moments() for _ in range(groups)], [Moments() for _ in range(groups)]
@@ -141,20 +135,14 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int, progress=None) 
 # --- The VAE on digits at its checkpoints. ---
 
 def checkpoint_epochs(config) -> dict:
-    """{"init": 0, "early": config.early_epochs, "converged": config.converged_epochs}."""
-    return {"init": 0, "early": int(config.early_epochs),
-            "converged": int(config.converged_epochs)}
+    """The checkpoints' names and epochs of training."""
+    return {"init": 0, "early": int(config.early_epochs), "converged": int(config.converged_epochs)}
 
 
 def _vae_checkpoints(config):
-    """(model, train config, {checkpoint name: params}) from one training run of `config.train`.
-
-    The run is train.py's own computation: its initialisation, keys and epoch
-    (`train.make_epoch_fn`) for the same config and seed, so the parameters after
-    e epochs are those `train_and_evaluate` reaches; they are taken after 0,
-    `early_epochs` and `converged_epochs` epochs (the epoch is not donated, so the
-    earlier parameters stay valid).
-    """
+    """(model, train config, {checkpoint name: params}) from one training run of `config.train`:
+    train.py's own initialisation, keys and epoch, so the parameters after e epochs are those
+    `train_and_evaluate` reaches (the epoch is not donated: earlier parameters stay valid)."""
     from vaekl import train
 
     epochs = checkpoint_epochs(config)
@@ -173,9 +161,7 @@ def _vae_checkpoints(config):
     progress = Progress("gradient variance: training the VAE", cfg.num_epochs, unit="epochs",
                         quiet_s=5.0)
     for epoch in range(cfg.num_epochs + 1):
-        for name, e in epochs.items():
-            if e == epoch:
-                out[name] = state.params
+        out.update({name: state.params for name, e in epochs.items() if e == epoch})
         if epoch < cfg.num_epochs:
             state, _ = epoch_fn(state, keys, epoch, train_x)
             jax.block_until_ready(state)
@@ -183,18 +169,12 @@ def _vae_checkpoints(config):
     return model, cfg, {name: out[name] for name in epochs}
 
 
-def _fixed_batch(config):
-    """The first `batch_size` test images of the data set (binarised once at load)."""
+def vae_rows(config, key) -> list:
+    """A row per (checkpoint, KL term) of the VAE, on a fixed batch x [batch_size, D]."""
     from vaekl import train
 
     _, test = train.load_data(config.train)
-    return jnp.asarray(test.x[: config.batch_size])
-
-
-def vae_rows(config, key) -> list:
-    from vaekl import train
-
-    x = _fixed_batch(config)
+    x = jnp.asarray(test.x[: config.batch_size])  # The first test images (binarised at load).
     model, cfg, checkpoints = _vae_checkpoints(config)
     grad_fns = {}
     for estimator in config.estimators:
@@ -229,26 +209,10 @@ def orthogonal_model(config) -> linear_gaussian.LinearGaussian:
     return linear_gaussian.LinearGaussian(w=w, b=b, noise_std=float(config.lg_noise_std))
 
 
-def exact_encoder(model) -> dict:
-    """Linear encoder params with q(z|x) = p(z|x): mean = x K + a, log_var = x 0 + log v."""
-    w, b, s2 = np.asarray(model.w), np.asarray(model.b), model.noise_std**2
-    wtw = w.T @ w
-    assert np.allclose(wtw, np.diag(np.diag(wtw))), "W must have orthogonal columns"
-    v = 1.0 / (1.0 + np.diag(wtw) / s2)  # diag M^-1
-    kernel = w * v / s2  # x K = (M^-1 W^T x / s^2)^T: K = W M^-1 / s^2, [d, k]
-    return {"mean_kernel": kernel, "mean_bias": -b @ kernel,
-            "log_var_kernel": np.zeros_like(kernel), "log_var_bias": np.log(v)}
-
-
 def _lg_loss(estimator, num_samples, x):
     def loss(params, key):
-        enc, dec = params["encoder"], params["decoder"]
-        mean = x @ enc["mean_kernel"] + enc["mean_bias"]
-        log_var = x @ enc["log_var_kernel"] + enc["log_var_bias"]
-
-        def log_lik(z):
-            return priors.gaussian_log_prob(x, z @ dec["kernel"] + dec["bias"], dec["log_scale"])
-
+        mean, log_var, _ = linear_encoders.apply(params["encoder"], x, "mean_field")
+        log_lik = linear_encoders.decoder_log_likelihood(x, **params["decoder"])
         bound = elbo_lib.elbo(key, mean, log_var, log_lik, kl=estimator, num_samples=num_samples)
         return -jnp.mean(bound.elbo)
 
@@ -259,7 +223,7 @@ def linear_gaussian_rows(config, key) -> list:
     model = orthogonal_model(config)
     x_np, _ = linear_gaussian.sample(model, config.batch_size,
                                      np.random.default_rng(config.lg_seed + 1))
-    exact = exact_encoder(model)
+    exact = linear_encoders.exact(model)
     perturbed = dict(exact, mean_kernel=0.9 * exact["mean_kernel"],
                      mean_bias=0.9 * exact["mean_bias"], log_var_bias=exact["log_var_bias"] + 0.5)
     dtype = jnp.float64 if config.lg_float64 else jnp.float32
@@ -299,8 +263,9 @@ def _mark_zero_gradients(rows, rel=1e-10):
 
 
 def ratio_rows(rows) -> list:
-    """Encoder variance of each KL term over k1's, per (model, checkpoint), with jackknife SEs
-    (the ratio of the two terms' replicates that leave out the same group of draws)."""
+    """The `RATIOS` (name, KL term, part): that part's gradient variance under the KL term over
+    k1's, per (model, checkpoint), with jackknife SEs (the ratio of the two terms' replicates
+    that leave out the same group of draws)."""
     by = {(r["model"], r["checkpoint"], r["estimator"]): r for r in rows}
     out = []
     for model, ckpt in dict.fromkeys((r["model"], r["checkpoint"]) for r in rows):
@@ -308,9 +273,7 @@ def ratio_rows(rows) -> list:
         if k1 is None:
             continue
         row = {"model": model, "checkpoint": ckpt}
-        pairs = [(f"{e}_over_k1", e, "encoder") for e in ("analytic", "k3", "stl")]
-        pairs.append(("decoder_analytic_over_k1", "analytic", "decoder"))
-        for name, e, part in pairs:
+        for name, e, part in RATIOS:
             if (model, ckpt, e) not in by:
                 continue
             field = f"{part}_grad_variance"
@@ -398,7 +361,6 @@ def _label(row) -> str:
 
 def _plot(rows, path: Path):
     plt = report.pyplot()
-
     groups = list(dict.fromkeys((r["model"], r["checkpoint"]) for r in rows))
     estimators = list(dict.fromkeys(r["estimator"] for r in rows))
     by = {(r["model"], r["checkpoint"], r["estimator"]): r for r in rows}

@@ -25,12 +25,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from experiments import report
+from experiments import linear_encoders, report
 from experiments.moments import Moments
 from vaekl import elbo as elbo_lib
-from vaekl import kl, linear_gaussian, priors
+from vaekl import kl, linear_gaussian
 
 COLUMNS = ("variant", "param", "mean_log_px", "mean_elbo", "mean_gap", "mean_kl_q_posterior",
            "mean_kl_q_prior", "max_abs_identity_error", "max_abs_identity_error_float32")
@@ -143,80 +142,20 @@ def mean_field_floor(model) -> float:
     return 0.5 * float(np.sum(np.log(np.diag(m))) - np.linalg.slogdet(m)[1])
 
 
-# --- Amortised encoders trained with the decoder fixed at the true model. ---
-
-def _encoder_q(params, x, family):
-    """A linear encoder: mean = x A + a; diagonal: log_var = x C + c; full: a shared factor L."""
-    mean = x @ params["mean_kernel"] + params["mean_bias"]
-    if family == "mean_field":
-        log_var = x @ params["log_var_kernel"] + params["log_var_bias"]
-        return mean, log_var, None
-    k = mean.shape[-1]
-    tril = jnp.tril(params["tril"], -1) + jnp.diag(jnp.exp(params["log_diag"]))
-    return mean, None, jnp.broadcast_to(tril, mean.shape[:-1] + (k, k))
-
-
-def _init_encoder(d, k, family, dtype):
-    """Starts at q = p(z) = N(0, I) for every x (zero weights)."""
-    z = functools.partial(jnp.zeros, dtype=dtype)
-    params = {"mean_kernel": z((d, k)), "mean_bias": z((k,))}
-    if family == "mean_field":
-        params.update(log_var_kernel=z((d, k)), log_var_bias=z((k,)))
-    else:
-        params.update(tril=z((k, k)), log_diag=z((k,)))
-    return params
-
-
-def _neg_elbo(params, x, key, model, family, num_samples):
-    """-mean ELBO by Monte Carlo: reconstruction sampled, KL(q || p(z)) analytic."""
-    mean, log_var, tril = _encoder_q(params, x, family)
-    log_lik = _log_likelihood_fn(model, x)  # The decoder is the true model, fixed.
-
-    if family == "mean_field":
-        bound = elbo_lib.elbo(key, mean, log_var, log_lik, kl="analytic",
-                              num_samples=num_samples)
-        return -jnp.mean(bound.elbo)
-    eps = jax.random.normal(key, (num_samples,) + mean.shape, x.dtype)
-    z = mean + jnp.einsum("nij,snj->sni", tril, eps)
-    return -jnp.mean(jnp.mean(log_lik(z), 0) - kl.analytic_full(mean, tril))
-
-
-def train_encoder(model, x_train, key, config, family):
-    """Adam on minibatches; returns the parameters after each step, stacked [steps + 1, ...]."""
-    n, d = x_train.shape
-    params = _init_encoder(d, model.latent_dim, family, x_train.dtype)
-    tx = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.train_steps))
-    batch = config.batch_size
-
-    @jax.jit
-    def run(params, key):
-        def step(carry, i):
-            params, opt_state = carry
-            k_batch, k_z = jax.random.split(jax.random.fold_in(key, i))
-            idx = jax.random.randint(k_batch, (batch,), 0, n)
-            grads = jax.grad(_neg_elbo)(params, x_train[idx], k_z, model, family,
-                                        config.train_num_samples)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, opt_state), params
-
-        _, history = jax.lax.scan(step, (params, tx.init(params)),
-                                  jnp.arange(config.train_steps))
-        return history
-
-    history = run(params, key)
-    return jax.tree.map(lambda p0, h: jnp.concatenate([p0[None], h]), params, history)
-
-
 def trained_variants(model, x_train, x_test, key, config):
+    """(variant, param = Adam step, q) of amortised linear encoders (`linear_encoders`) trained
+    with the decoder fixed at the true model, at the steps of `config.report_steps`."""
     out = []
     for i, family in enumerate(("mean_field", "full")):
-        history = train_encoder(model, x_train, jax.random.fold_in(key, i), config, family)
+        history = linear_encoders.train(
+            model, x_train, jax.random.fold_in(key, i), family, steps=config.train_steps,
+            learning_rate=config.learning_rate, batch_size=config.batch_size,
+            num_samples=config.train_num_samples)
         steps = sorted({s for s in config.report_steps if s <= config.train_steps}
                        | {config.train_steps})
         for s in steps:
             params = jax.tree.map(lambda h, s=s: h[s], history)
-            mean, log_var, tril = _encoder_q(params, x_test, family)
+            mean, log_var, tril = linear_encoders.apply(params, x_test, family)
             if family == "mean_field":
                 q = {"mean": mean, "log_var": log_var,
                      "scale_tril": jax.vmap(jnp.diag)(jnp.exp(0.5 * log_var))}
@@ -237,17 +176,12 @@ def _summarise(variant, param, t64, t32):
             "max_abs_identity_error_float32": float(np.max(np.abs(t32["identity_error"])))}
 
 
-def _log_likelihood_fn(model, x):
-    """z [S, N, k] -> log N(x; W z + b, s^2 I) [S, N]: the true decoder."""
-    w, b = jnp.asarray(model.w, x.dtype), jnp.asarray(model.b, x.dtype)
-    return lambda z: priors.gaussian_log_prob(x, z @ w.T + b, jnp.log(model.noise_std))
-
-
 @functools.partial(jax.jit, static_argnames=("num_samples",))
 def _mc_elbo(model, x, mean, log_var, key, *, num_samples):
     """The test-set mean of `vaekl.elbo.elbo(kl='analytic')` with num_samples draws per example."""
-    return jnp.mean(elbo_lib.elbo(key, mean, log_var, _log_likelihood_fn(model, x),
-                                  kl="analytic", num_samples=num_samples).elbo)
+    log_lik = linear_encoders.true_log_likelihood(model, x)
+    return jnp.mean(elbo_lib.elbo(key, mean, log_var, log_lik, kl="analytic",
+                                  num_samples=num_samples).elbo)
 
 
 def sampled_check(model, x, variant, param, q, key, config):

@@ -3,9 +3,8 @@
 `load(name, split)` returns a `Dataset`: the examples as one float32 array
 `x` of shape [N, D] plus what a model needs to know (`likelihood`, `shape`,
 `dim`, whether training binarises it). Training (`vaekl.train`) sends `x` to
-the device once and draws each epoch's order and each step's binarisation
-there. What is random here (the splits of embedded data, the one-off
-binarisation of evaluation splits) is a pure function of integer seeds.
+the device once and draws each epoch's order there. What is random here is a
+pure function of integer seeds.
 
 Data sets (`NAMES`):
 
@@ -100,14 +99,14 @@ _IMAGE_SIZE = 28  # Every tfds data set here comes out as 28x28x1 images.
 _READ_CHUNK = 4096  # Examples decoded at a time: bounds memory for omniglot.
 
 
-def _grey_levels(images: np.ndarray) -> np.ndarray:
-    """uint8 [n, 28, 28, 1] grey levels 0..255 -> float32 [n, 784] in [0, 1]."""
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
-
-
 def _bits(images: np.ndarray) -> np.ndarray:
     """uint8 [n, 28, 28, 1] of 0/1 -> float32 [n, 784] of 0/1."""
     return images.reshape(len(images), -1).astype(np.float32)
+
+
+def _grey_levels(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, 28, 28, 1] grey levels 0..255 -> float32 [n, 784] in [0, 1]."""
+    return _bits(images) / 255.0
 
 
 def _omniglot_ink(images: np.ndarray) -> np.ndarray:
@@ -361,40 +360,19 @@ def _load_linear_gaussian(
     num = num_test if split == "test" else num_train
     validate.positive_int(fn_name, f"num_{split}", num)
     x, _ = linear_gaussian.sample(model, num, _rng(seed, "linear_gaussian", split))
-    return Dataset(
-        name="linear_gaussian",
-        split=split,
-        x=x.astype(np.float32),
-        likelihood=GAUSSIAN,
-        shape=(obs_dim,),
-        model=model,
-    )
+    return Dataset(name="linear_gaussian", split=split, x=x.astype(np.float32),
+                   likelihood=GAUSSIAN, shape=(obs_dim,), model=model)
 
 
-def _binarized_dataset(
-    name: str,
-    split: str,
-    x: np.ndarray,
-    shape: tuple[int, ...],
-    labels: np.ndarray | None,
-    grey: bool,
-    seed: int,
-) -> Dataset:
+def _binarized_dataset(name: str, split: str, x: np.ndarray, shape: tuple[int, ...],
+                       labels: np.ndarray | None, grey: bool, seed: int) -> Dataset:
     """A Bernoulli data set; grey levels are binarised in training (train), else here once."""
     dynamic = grey and split == "train"
-    if grey and not dynamic:
-        # One Bernoulli(x) draw per pixel.
+    if grey and not dynamic:  # One Bernoulli(x) draw per pixel.
         uniform = _rng(seed, "binarize", name, split).random(x.shape, dtype=np.float32)
         x = (uniform < x).astype(np.float32)
-    return Dataset(
-        name=name,
-        split=split,
-        x=x,
-        likelihood=BERNOULLI,
-        shape=shape,
-        dynamic_binarization=dynamic,
-        labels=labels,
-    )
+    return Dataset(name=name, split=split, x=x, likelihood=BERNOULLI, shape=shape,
+                   dynamic_binarization=dynamic, labels=labels)
 
 
 def _rng(seed: int, *keys: int | str) -> np.random.Generator:

@@ -12,7 +12,7 @@ each key measures.
 
 The model is the Flax example's: 784-500-20 ReLU MLP encoder and decoder,
 Bernoulli likelihood, analytic KL, batch 128, Adam 1e-3. Of vaekl it calls only
-`train.create_optimizer`, `train.training_fns`, `models.VAE` and `elbo.iwae`
+`train.create_optimizer`, `vaekl.steps.training_fns`, `models.VAE` and `elbo.iwae`
 (with the `flax` preset of experiments/configs/train.py, and `experiments.main`
 as a command), so that one script times trees before and after a change.
 """
@@ -108,12 +108,13 @@ def vaekl_epoch(steps, num_seeds=1, vmap_seeds=None):
     import jax.numpy as jnp
 
     from vaekl import models, train
+    from vaekl import steps as steps_lib
 
     config = _train_config(num_seeds=num_seeds)
     model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
     tx = train.create_optimizer(config, steps)
     x = jnp.asarray(_fake_binary_data(steps * BATCH))
-    keys, init, step = train.training_fns(model, config, tx, data_dim=DIM, steps_per_epoch=steps,
+    keys, init, step = steps_lib.training_fns(model, config, tx, data_dim=DIM, steps_per_epoch=steps,
                                           binarize=False, vmap_seeds=vmap_seeds)
     state = init(keys)
     t0 = time.perf_counter()

@@ -1,11 +1,10 @@
 """Variance and signal-to-noise ratio of ELBO gradients under each KL term.
 
 For a fixed batch x and fixed parameters, the gradient of the negative ELBO
-(`vaekl.train.make_loss_fn`, or the same bound for the linear-Gaussian model) is
-a random vector through the draws z ~ q(z|x). This draws it `num_draws` times
-(`jax.vmap(jax.grad(loss))(keys)`) under each KL term (analytic, k1, k3, stl),
-with the same keys for every term, and reports per parameter group (encoder,
-decoder):
+(`vaekl.steps.make_loss_fn`, or the same bound for the linear-Gaussian model) is a
+random vector through the draws z ~ q(z|x). This draws it `num_draws` times
+(`jax.vmap(jax.grad(loss))(keys)`) under each KL term (analytic, k1, k3, stl), with
+the same keys for every term, and reports per parameter group (encoder, decoder):
 
   grad_variance  (1/P) sum_p Var_i[g_p^(i)]: the per-parameter variance across
                  draws (ddof 1), averaged over the group's P parameters
@@ -143,6 +142,7 @@ def _vae_checkpoints(config):
     """(model, train config, {checkpoint name: params}) from one training run of `config.train`:
     train.py's own initialisation, keys and epoch, so the parameters after e epochs are those
     `train_and_evaluate` reaches (the epoch is not donated: earlier parameters stay valid)."""
+    from vaekl import steps as steps_lib
     from vaekl import train
 
     epochs = checkpoint_epochs(config)
@@ -152,10 +152,10 @@ def _vae_checkpoints(config):
     model = train.create_model(cfg, train_data)
     steps_per_epoch = len(train_data) // cfg.batch_size
     tx = train.create_optimizer(cfg, steps_per_epoch)
-    keys = train.seed_keys(cfg.seed)
-    state = train.init_state(model, tx, cfg, keys["init"], train_data.dim)
+    keys = steps_lib.seed_keys(cfg.seed)
+    state = steps_lib.init_state(model, tx, cfg, keys["init"], train_data.dim)
     train_x = jnp.asarray(train_data.x)
-    epoch_fn = jax.jit(train.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
+    epoch_fn = jax.jit(steps_lib.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
                                            binarize=train_data.dynamic_binarization))
     out = {}
     progress = Progress("gradient variance: training the VAE", cfg.num_epochs, unit="epochs",
@@ -171,6 +171,7 @@ def _vae_checkpoints(config):
 
 def vae_rows(config, key) -> list:
     """A row per (checkpoint, KL term) of the VAE, on a fixed batch x [batch_size, D]."""
+    from vaekl import steps as steps_lib
     from vaekl import train
 
     _, test = train.load_data(config.train)
@@ -180,7 +181,7 @@ def vae_rows(config, key) -> list:
     for estimator in config.estimators:
         cfg_e = cfg.copy_and_resolve_references()
         cfg_e.kl, cfg_e.num_samples = estimator, config.num_samples
-        loss_fn = train.make_loss_fn(model, cfg_e)
+        loss_fn = steps_lib.make_loss_fn(model, cfg_e)
         grad_fns[estimator] = make_grad_fn(
             lambda p, k, loss_fn=loss_fn: loss_fn(p, x, k, 0)[0],
             lambda g: (g["params"]["enc_net"], g["params"]["dec_net"]))

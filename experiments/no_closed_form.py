@@ -94,6 +94,7 @@ def training_rows(config, workdir: Path) -> list:
 def _trained(config, workdir: Path, posterior, prior):
     """(model, train config, params of the first seed, the fixed test batch) of the pair's
     `estimate_kl` run, restored from its final checkpoint."""
+    from vaekl import steps as steps_lib
     from vaekl import train
 
     sub, _ = _train_or_read(config, workdir, posterior, prior, config.estimate_kl)
@@ -102,7 +103,7 @@ def _trained(config, workdir: Path, posterior, prior):
     model = train.create_model(cfg, train_data)
     steps_per_epoch = len(train_data) // cfg.batch_size
     tx = train.create_optimizer(cfg, steps_per_epoch)
-    keys, init, _ = train.training_fns(model, cfg, tx, data_dim=train_data.dim,
+    keys, init, _ = steps_lib.training_fns(model, cfg, tx, data_dim=train_data.dim,
                                        steps_per_epoch=steps_per_epoch,
                                        binarize=train_data.dynamic_binarization)
     # The state's shapes only (nothing is compiled), on this process's first device.
@@ -136,7 +137,7 @@ def _pair_fns(model, cfg, x, terms):
       closed_forms(params) -> {"analytic" and/or "variational": [B]} where they exist
       grads(params, keys [n]) -> {term: encoder gradients of the negative ELBO [n, P]}
     """
-    from vaekl import train
+    from vaekl import steps as steps_lib
 
     def q_and_prior(params):
         return (model.apply(params, x, method=models.VAE.encode_posterior),
@@ -163,7 +164,7 @@ def _pair_fns(model, cfg, x, terms):
     for t in terms:
         cfg_t = cfg.copy_and_resolve_references()
         cfg_t.kl = t
-        losses[t] = train.make_loss_fn(model, cfg_t)
+        losses[t] = steps_lib.make_loss_fn(model, cfg_t)
 
     @jax.jit
     def grads(params, keys):

@@ -17,6 +17,7 @@ from experiments.configs import train as train_config
 from launch import sweeps
 from vaekl import config as vaekl_config
 from vaekl import models, posteriors, train
+from vaekl import steps as steps_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_each_family_and_prior_trains(posterior, prior, kl):
     model = train.create_model(config, train_data)
     steps = len(train_data) // config.batch_size
     tx = train.create_optimizer(config, steps)
-    keys, init, epoch = train.training_fns(model, config, tx, data_dim=train_data.dim,
+    keys, init, epoch = steps_lib.training_fns(model, config, tx, data_dim=train_data.dim,
                                            steps_per_epoch=steps, binarize=False)
     state, metrics = epoch(init(keys), keys, 0, jnp.asarray(train_data.x))
     loss = np.asarray(metrics["loss"])

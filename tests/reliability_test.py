@@ -41,6 +41,7 @@ import pytest
 import vaekl
 from tests.train_test import assert_trees_equal, final_state, make_config, read_metrics
 from vaekl import checkpoint, data, elbo, kl, priors, train
+from vaekl import steps as steps_lib
 from vaekl import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -496,7 +497,7 @@ def test_a_nan_example_stops_training_at_its_step(tmp_path, monkeypatch):
     _with_a_nan_example(monkeypatch, row)
     config = _linear_config()
     # The step whose batch holds the row: the first epoch's order, as train draws it.
-    order = jax.random.permutation(jax.random.fold_in(train.seed_keys(config.seed)["data"], 0),
+    order = jax.random.permutation(jax.random.fold_in(steps_lib.seed_keys(config.seed)["data"], 0),
                                    5000)
     step = int(np.flatnonzero(np.asarray(order) == row)[0]) // config.batch_size + 1
     with pytest.raises(train.TrainingDiverged,

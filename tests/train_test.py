@@ -23,6 +23,7 @@ from experiments.configs import train as train_config
 from vaekl import checkpoint, evaluate, linear_gaussian, models, train
 from vaekl import config as vaekl_config
 from vaekl import progress as progress_lib
+from vaekl import steps as steps_lib
 from vaekl import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_vmapped_and_mapped_seeds_train_alike():
     x = jax.random.uniform(jax.random.key(0), (10 * config.batch_size, 64))
     states = {}
     for vmap_seeds in (True, False):
-        keys, init, epoch = train.training_fns(model, config, tx, data_dim=64, steps_per_epoch=10,
+        keys, init, epoch = steps_lib.training_fns(model, config, tx, data_dim=64, steps_per_epoch=10,
                                                binarize=True, vmap_seeds=vmap_seeds)
         state, metrics = epoch(init(keys), keys, 0, x)
         assert metrics["loss"].shape == (3, 10)

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 # The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.
 LAZY_MODULES = ("bounds", "checkpoint", "config", "data", "distributed", "evaluate", "interrupt",
-                "linear_gaussian", "logs", "models", "prepare", "progress", "train", "validate",
-                "workdir")
+                "linear_gaussian", "logs", "models", "prepare", "progress", "steps", "train",
+                "validate", "workdir")
 
 
 def __getattr__(name: str):

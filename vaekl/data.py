@@ -29,7 +29,7 @@ Data sets (`NAMES`):
 Dynamic binarisation (the IWAE protocol): the training split of a grey-level
 data set keeps its intensities in `x` (`dynamic_binarization` is set), and
 each train step draws its batch's pixels anew as Bernoulli(intensity) from the
-step's key (`vaekl.train.make_epoch_fn`). Its other splits are binarised once
+step's key (`vaekl.steps.make_epoch_fn`). Its other splits are binarised once
 at load time from `load`'s `seed`, so evaluation always sees the same bits.
 """
 

@@ -1,11 +1,9 @@
 """Training: `train_and_evaluate(config, workdir)`, the call every entry point shares.
 
-The train step is a pure function of (state, batch, key) and runs inside a
-`lax.scan` over one epoch, jitted once with the state donated, so an epoch is a
-single device call with no host synchronisation inside. Randomness is
-`fold_in(key, step)` and the data order `fold_in(key, epoch)`, so a resumed run
-draws exactly the numbers an uninterrupted one would: on CPU its final
-parameters are bitwise equal.
+The step and the epoch are `vaekl.steps`' pure functions: an epoch is one jitted
+device call with the state donated, and its randomness is folded from the step and
+epoch numbers, so a resumed run draws exactly the numbers an uninterrupted one
+would: on CPU its final parameters are bitwise equal.
 
 `config.num_seeds > 1` trains that many seeds (config.seed, config.seed + 1, ...)
 in one program: with `jax.vmap` on accelerators, one seed after another
@@ -21,38 +19,23 @@ alone writes the workdir's files; all processes save and restore the checkpoints
 (orbax's multi-process protocol).
 """
 
-import functools
 import json
 import time
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 
-from vaekl import bounds, checkpoint, distributed, elbo, evaluate, interrupt, kl, logs, models
+from vaekl import checkpoint, distributed, evaluate, interrupt, logs, models
 from vaekl import config as config_lib
 from vaekl import progress as progress_lib
+from vaekl import steps as steps_lib
 from vaekl import workdir as workdir_lib
-
-
-class TrainState(NamedTuple):
-    step: jax.Array
-    params: Any
-    opt_state: Any
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or metric stopped training (the last good checkpoint is kept)."""
-
-
-def seed_keys(seed: int) -> dict[str, jax.Array]:
-    """Independent keys for init, training steps, data order, binarisation and eval."""
-    base = jax.random.key(seed)
-    return {name: jax.random.fold_in(base, i)
-            for i, name in enumerate(("init", "train", "data", "eval"))}
 
 
 def create_model(config, train_data) -> models.VAE:
@@ -93,158 +76,6 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
     opt = optax.adamw if config.optimizer == "adamw" else optax.adam
     kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adamw" else {}
     return opt(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, **kwargs)
-
-
-def make_loss_fn(model: models.VAE, config):
-    """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars).
-
-    `config.objective` "elbo" is the ELBO of the posterior family `config.posterior`
-    with the KL term `config.kl` (and beta, KL warm-up, free bits); the others are
-    `vaekl.bounds` objectives, whose loss is minus the bound and whose gradient is
-    `config.grad_estimator`'s.
-    """
-    kl_term, num_samples = config.kl, config.num_samples
-    beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
-
-    def bound_loss_fn(params, x, key, step):
-        del step
-        mean, log_var = model.apply(params, x, method=models.VAE.encode)
-        prior = model.apply(params, method=models.VAE.get_prior)
-        log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        out = bounds.objective(key, mean, log_var, log_lik, prior, objective=config.objective,
-                               num_samples=num_samples, grad_estimator=config.grad_estimator,
-                               outer_samples=config.outer_samples, alpha=config.renyi_alpha,
-                               beta=config.ciwae_beta)
-        loss = -jnp.mean(out.bound)
-        return loss, {"loss": loss, "bound": jnp.mean(out.bound), "elbo": jnp.mean(out.elbo),
-                      "rate": jnp.mean(out.rate), "distortion": jnp.mean(out.distortion)}
-
-    if config.objective != "elbo":
-        return bound_loss_fn
-
-    def loss_fn(params, x, key, step):
-        q = model.apply(params, x, method=models.VAE.encode_posterior)
-        prior = model.apply(params, method=models.VAE.get_prior)
-        log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        bound = elbo.posterior_elbo(key, q, log_lik, prior, kl=kl_term, num_samples=num_samples)
-        beta_t = beta * jnp.minimum(1.0, (step + 1) / warmup) if warmup else beta
-        if free_bits:
-            # Kingma et al. (2016): each dimension's batch-mean KL counts at least free_bits.
-            per_dim = kl.analytic_per_dim(q.mean, q.log_var, prior=prior)
-            rate_term = jnp.sum(jnp.maximum(free_bits, jnp.mean(per_dim, axis=0)))
-        else:
-            rate_term = jnp.mean(bound.rate)
-        loss = jnp.mean(bound.distortion) + beta_t * rate_term
-        return loss, {"loss": loss, "elbo": jnp.mean(bound.elbo),
-                      "rate": jnp.mean(bound.rate), "distortion": jnp.mean(bound.distortion)}
-
-    return loss_fn
-
-
-def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, mesh=None):
-    """epoch(state, keys, epoch, train_x [N, D]) -> (state, per-step metrics [steps_per_epoch]).
-
-    One epoch: a seeded permutation of the training set from fold_in(data key,
-    epoch), cut into fixed-size batches (the remainder dropped), each step
-    keyed by fold_in(train key, step). The training set is an argument, not a
-    closed-over constant: XLA would otherwise compile it into the program
-    (1.4 s more compilation for binarized MNIST).
-
-    The metric "grad_norm" is computed only at the steps that are logged (every
-    `config.log_every_steps`; it is 0 at the others): on a 2-core CPU computing it
-    every step cost 10% of the step. With `on_nan='skip'` it is computed every
-    step, since the skip decision needs it.
-    """
-    loss_fn = make_loss_fn(model, config)
-    batch_size, skip_bad = config.batch_size, config.on_nan == "skip"
-    log_every = config.log_every_steps
-    batch_sharding = distributed.batch_sharded(mesh)
-
-    def grad_norm(grads, step):
-        if skip_bad:
-            return optax.tree.norm(grads)
-        # `step` is not vmapped over seeds, so this stays a branch (not a select).
-        zero = jnp.zeros((), jax.tree.leaves(grads)[0].dtype)
-        return jax.lax.cond(step % log_every == 0, optax.tree.norm, lambda g: zero, grads)
-
-    def step_fn(state, idx, step, keys, train_x):
-        """One step; `step` counts from 1 (as logged), `state.step` from 0."""
-        x = train_x[idx]
-        if batch_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, batch_sharding)
-        key = jax.random.fold_in(keys["train"], state.step)
-        if binarize:
-            key, bin_key = jax.random.split(key)
-            x = jax.random.bernoulli(bin_key, x).astype(x.dtype)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        metrics["grad_norm"] = grad_norm(grads, step)
-        if skip_bad:
-            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new,
-                               state._replace(step=state.step + 1))
-            metrics["skipped"] = (~ok).astype(jnp.float32)
-        return new, metrics
-
-    def epoch_fn(state, keys, epoch, train_x):
-        perm = jax.random.permutation(jax.random.fold_in(keys["data"], epoch), train_x.shape[0])
-        idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-        steps = epoch * steps_per_epoch + 1 + jnp.arange(steps_per_epoch)
-        return jax.lax.scan(lambda s, xs: step_fn(s, *xs, keys, train_x), state, (idx, steps))
-
-    return epoch_fn
-
-
-def init_state(model: models.VAE, tx, config, key: jax.Array, data_dim: int) -> TrainState:
-    """Step 0: the model's parameters drawn from `key` and the optimiser's initial state."""
-    params = model.init(key, jnp.zeros((1, data_dim), jnp.float32), jnp.zeros((1, config.latents)))
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-
-def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, binarize: bool,
-                 mesh=None, vmap_seeds: bool | None = None):
-    """(keys, init, epoch): what `train_and_evaluate` runs, for it and for benchmarks.
-
-    `keys` are the seeds' keys (config.seed, config.seed + 1, ... stacked when
-    config.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
-    train_x) -> (state, metrics) are jitted, over several seeds vmapped, and the
-    epoch donates the state; with a `mesh` both return arrays replicated over it.
-    `vmap_seeds=False` maps the epoch over the seeds instead (`_seed_after_seed`);
-    by default it does so on CPUs.
-    """
-    num_seeds = config.num_seeds
-    keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
-    keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
-    vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
-    replicated = distributed.replicated(mesh)
-    init = jax.jit(vmap(lambda k: init_state(model, tx, config, k["init"], data_dim)),
-                   out_shardings=replicated)
-    epoch_fn = make_epoch_fn(model, config, tx, steps_per_epoch=steps_per_epoch,
-                             binarize=binarize, mesh=mesh)
-    if vmap_seeds is None:
-        vmap_seeds = jax.default_backend() != "cpu"
-    if num_seeds > 1 and not vmap_seeds:
-        epoch_fn = _seed_after_seed(epoch_fn)
-    else:
-        epoch_fn = vmap(epoch_fn, in_axes=(0, 0, None, None))
-    return keys, init, jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=replicated)
-
-
-def _seed_after_seed(epoch_fn):
-    """The seeds' epochs one after another in one program (`lax.map`), for CPUs.
-
-    One seed's matmuls already keep every core busy, so vectorising seeds gains
-    nothing on a CPU, and it costs cache: 8 seeds' parameters and Adam moments
-    (104 MB for the Flax-example model) overflow a 32 MB L3 where one seed's fit,
-    and 8 vmapped seeds ran 7-10% slower per seed than one (benchmarks/README.md). Mapped,
-    each seed's state stays in cache for its whole epoch. Same inputs and outputs
-    as the vmapped epoch: state and metrics stacked over seeds.
-    """
-    def mapped(state, keys, epoch, train_x):
-        return jax.lax.map(lambda seed: epoch_fn(*seed, epoch, train_x), (state, keys))
-
-    return mapped
 
 
 def _objective_name(config) -> str:
@@ -303,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = distributed.data_mesh()
     train_x = jax.device_put(train_data.x, distributed.replicated(mesh))
     num_seeds = config.num_seeds
-    keys, init, epoch_step = training_fns(model, config, tx, data_dim=train_data.dim,
+    keys, init, epoch_step = steps_lib.training_fns(model, config, tx, data_dim=train_data.dim,
                                           steps_per_epoch=steps_per_epoch,
                                           binarize=train_data.dynamic_binarization, mesh=mesh)
     state = init(keys)

@@ -58,11 +58,11 @@ class Moments:
         """The sample variance (ddof 1) of each entry, [...].
 
         Raises:
-          ZeroDivisionError: for fewer than two rows (n - 1 = 0), rather than a NaN that
+          ValueError: for fewer than two rows (n - 1 = 0), rather than a NaN that
             would pass into every figure and SE built on it.
         """
         if self.n < 2:
-            raise ZeroDivisionError(f"the sample variance needs at least 2 draws; got {self.n}.")
+            raise ValueError(f"a sample variance needs at least 2 draws, got {self.n}.")
         return self.m2 / (self.n - 1)
 
     def mean_se(self) -> np.ndarray:

@@ -64,7 +64,7 @@ def test_walkthrough_notebook_executes(tmp_path):
     # (no app.run in a kernel), and a misspelt field refused by name.
     stderr = "".join(o.text for c in code for o in c.outputs
                      if o.output_type == "stream" and o.name == "stderr")
-    assert re.search(r"step \d+/\d+", stderr), stderr
+    assert re.search(r"train: \d+/\d+ steps", stderr), stderr
     assert "orbax" not in stderr
     assert re.search(r"test ELBO -\d+\.\d+ nats, IWAE-20 log-likelihood", text)
     assert "config.num_epoch: unknown field; did you mean 'num_epochs'?" in text

@@ -145,7 +145,7 @@ BAD_INPUTS = [
     case("kl.sampled/estimator", lambda t: kl.sampled(KEY, MEAN, LOG_VAR, estimator="k4"),
          ["unknown estimator 'k4'", "('k1', 'k2', 'k3')"], ValueError),
     case("elbo.elbo/kl", lambda t: elbo.elbo(KEY, MEAN, LOG_VAR, _log_lik, kl="k2"),
-         ["unknown kl 'k2'", "('analytic', 'k1', 'k3', 'stl')"], ValueError),
+         ["unknown kl 'k2'", "('analytic', 'k1', 'k3', 'stl', 'entropy')"], ValueError),
     case("kl.analytic/mixture-prior",
          lambda t: kl.analytic(MEAN, LOG_VAR, prior=priors.mixture(KEY, 3, 3)),
          ["no closed form", "vaekl.kl.sampled(..., prior=prior)"], ValueError),
@@ -213,7 +213,7 @@ BAD_INPUTS = [
          ["--config:", "lacks the fields", "experiment 'train'", "experiments/configs/train.py"]),
     # The command line: values.
     case("cli/unknown-kl", _main(TRAIN, "--workdir={w}", "--config.kl=k9"),
-         ["config.kl", "'k9'", "('analytic', 'k1', 'k3', 'stl')"]),
+         ["config.kl", "'k9'", "('analytic', 'k1', 'k3', 'stl', 'entropy')"]),
     case("cli/unknown-estimator",
          _main(ESTIMATORS, "--workdir={w}", "--config.estimators=('k9',)"),
          ["--config.estimators:", "unknown value 'k9'", "k1, k2, k3"]),

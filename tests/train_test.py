@@ -353,7 +353,15 @@ def quick_run(tmp_path_factory):
 
 
 def test_tensorboard_event_files_hold_the_scalars_and_images(quick_run):
-    assert "tensorflow" not in sys.modules  # Written without TensorFlow.
+    # Written without TensorFlow: a fresh process writes events and has not imported it (this
+    # one may have, through another test's tfds preparation).
+    code = ("import sys, pathlib, vaekl.workdir as w\n"
+            "d = pathlib.Path(sys.argv[1]); d.mkdir()\n"
+            "m = w.MetricWriter(d, resume_step=0)\n"
+            "m.write_scalars(1, {'x': 1.0}, split='train'); m.close()\n"
+            "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code, str(quick_run.parent / "tb_alone")], cwd=REPO,
+                   check=True)
     scalars, images = read_events(quick_run / "tensorboard")
     rows = read_metrics(quick_run)
     for split in ("train", "eval"):

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launch import study, sweeps
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # Eight real runs (~2.5 min); CI runs it in its `-m slow` pass.
 def test_burda_quick_sweep_and_its_table(tmp_path):
     root = tmp_path / "study"
     run = subprocess.run([sys.executable, "-m", "launch.sweep", "--sweep=burda_quick",

@@ -161,22 +161,21 @@ def bias_rows(config, key) -> list:
 
         for k in config.bias_ks:
             for estimator in ("stl", "dreg"):
-                split = lambda g: ({"A": g["encoder"]["A"]}, {"b": g["encoder"]["b"]})  # noqa
-                m_enc = _moments(paired(k, estimator), split, params, jax.random.fold_in(key, k),
-                                 num_draws=config.bias_draws,
-                                 chunk=_chunk(config, k, config.toy_dim * config.toy_num_data))
-                m_dec = _moments(paired(k, estimator), _toy_split, params,
-                                 jax.random.fold_in(key, k), num_draws=config.bias_draws,
-                                 chunk=_chunk(config, k, config.toy_dim * config.toy_num_data))
-                for group, m in (("encoder.A", m_enc["encoder"]), ("encoder.b", m_enc["decoder"]),
-                                 ("decoder.mu", m_dec["decoder"])):
-                    se = np.sqrt(m.variance() / m.n)
+                m = _moments(paired(k, estimator), _toy_split, params, jax.random.fold_in(key, k),
+                             num_draws=config.bias_draws,
+                             chunk=_chunk(config, k, config.toy_dim * config.toy_num_data))
+                a = config.toy_dim**2  # The encoder's flat gradient is A's entries, then b's.
+                groups = {"encoder.A": (m["encoder"], slice(0, a)),
+                          "encoder.b": (m["encoder"], slice(a, None)),
+                          "decoder.mu": (m["decoder"], slice(None))}
+                for group, (mg, part) in groups.items():
+                    mean, se = mg.mean[part], np.sqrt(mg.variance()[part] / mg.n)
                     # Gradients equal to rounding (the decoder's, and K = 1 where STL is
                     # DReG) have no t: their differences are float64 rounding, ~1e-16.
-                    same = bool(np.max(se) * math.sqrt(m.n) < ROUNDING)
-                    t = None if same else float(np.max(np.abs(m.mean) / np.maximum(se, 1e-300)))
+                    same = bool(np.max(se) * math.sqrt(mg.n) < ROUNDING)
+                    t = None if same else float(np.max(np.abs(mean) / np.maximum(se, 1e-300)))
                     rows.append({"estimator": estimator, "num_importance": k, "group": group,
-                                 "t": t, "equal_to_rounding": same, "num_params": int(m.mean.size),
+                                 "t": t, "equal_to_rounding": same, "num_params": int(mean.size),
                                  "num_draws": config.bias_draws})
             logging.info(f"bound_snr bias: K = {k} done")
     return rows
@@ -187,8 +186,9 @@ def bias_rows(config, key) -> list:
 def vae_rows(config, key) -> list:
     from vaekl import models, train
 
-    gv = {"train": config.train, "early_epochs": 0, "converged_epochs": config.vae_epochs}
-    model, _, checkpoints = gradient_variance._vae_checkpoints(_Attrs(gv))
+    trained = f"epochs={config.vae_epochs}"
+    model, _, checkpoints = gradient_variance.vae_checkpoints(
+        config.train, {"init": 0, trained: config.vae_epochs})
     _, test = train.load_data(config.train)
     x = jnp.asarray(test.x[: config.vae_batch_size])
 
@@ -202,19 +202,12 @@ def vae_rows(config, key) -> list:
         return g["params"]["enc_net"], g["params"]["dec_net"]
 
     rows = []
-    names = {"init": "init", "converged": f"epochs={config.vae_epochs}"}
-    for i, name in enumerate(("init", "converged")):
-        rows += _snr_rows("vae", names[name], loss_for, split, checkpoints[name],
+    for i, (name, params) in enumerate(checkpoints.items()):
+        rows += _snr_rows("vae", name, loss_for, split, params,
                           jax.random.fold_in(key, i), config, config.vae_draws,
                           config.vae_batch_size * (sum(config.train.hidden) + x.shape[-1]),
                           config.vae_num_importance)
     return rows
-
-
-class _Attrs(dict):
-    """A dict read by attribute, for `gradient_variance._vae_checkpoints`'s config."""
-
-    __getattr__ = dict.__getitem__
 
 
 def fit_slopes(rows) -> dict:

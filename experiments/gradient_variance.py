@@ -62,7 +62,7 @@ RATIO_COLUMNS = ("model", "checkpoint", *(name for name, _, _ in RATIOS))
 NUM_GROUPS = 20  # Groups of draws of the jackknife standard errors.
 
 
-def _grad_figures(moments: Moments, prefix: str) -> dict:
+def grad_figures(moments: Moments, prefix: str) -> dict:
     """Variance, total variance, mean norm and SNR of the gradient draws in `moments`."""
     var = moments.variance()
     total = float(np.sum(var))
@@ -97,7 +97,7 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int, progress=None) 
     `chunk` per device call; draw i uses fold_in(key, i); `progress` (a
     `vaekl.progress.Progress` counting draws, or None) advances after each call.
 
-    Returns the `_grad_figures` of the encoder and decoder gradients with their jackknife
+    Returns the `grad_figures` of the encoder and decoder gradients with their jackknife
     SEs (`*_se`); `batch_elbo`: minus the loss averaged over the draws (the batch-mean ELBO
     as that KL term estimates it) and its SE; and `jackknife`: each figure's
     leave-one-group-out replicates [G] (for `ratio_rows`; not written).
@@ -119,7 +119,7 @@ def measure(grad_fn, params, key, *, num_draws: int, chunk: int, progress=None) 
             progress.advance(len(idx))
 
     def figures(e, d):
-        return {**_grad_figures(e, "encoder"), **_grad_figures(d, "decoder")}
+        return {**grad_figures(e, "encoder"), **grad_figures(d, "decoder")}
 
     full = figures(merge_all(enc), merge_all(dec))
     replicates = [figures(e, d) for e, d in zip(leave_one_out(enc), leave_one_out(dec))]
@@ -138,15 +138,14 @@ def checkpoint_epochs(config) -> dict:
     return {"init": 0, "early": int(config.early_epochs), "converged": int(config.converged_epochs)}
 
 
-def _vae_checkpoints(config):
-    """(model, train config, {checkpoint name: params}) from one training run of `config.train`:
+def vae_checkpoints(train_config, epochs: dict):
+    """(model, train config, {name: params after epochs[name] epochs}) from one run of `train_config`:
     train.py's own initialisation, keys and epoch, so the parameters after e epochs are those
     `train_and_evaluate` reaches (the epoch is not donated: earlier parameters stay valid)."""
     from vaekl import steps as steps_lib
     from vaekl import train
 
-    epochs = checkpoint_epochs(config)
-    cfg = config.train.copy_and_resolve_references()
+    cfg = train_config.copy_and_resolve_references()
     cfg.num_epochs = max(epochs.values())
     train_data, _ = train.load_data(cfg)
     model = train.create_model(cfg, train_data)
@@ -176,7 +175,7 @@ def vae_rows(config, key) -> list:
 
     _, test = train.load_data(config.train)
     x = jnp.asarray(test.x[: config.batch_size])  # The first test images (binarised at load).
-    model, cfg, checkpoints = _vae_checkpoints(config)
+    model, cfg, checkpoints = vae_checkpoints(config.train, checkpoint_epochs(config))
     grad_fns = {}
     for estimator in config.estimators:
         cfg_e = cfg.copy_and_resolve_references()

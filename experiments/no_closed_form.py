@@ -217,7 +217,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
                    "reference_draws": reference_draws}
         variances = {t: m.m2 / (m.n - 1) for t, m in moments.items()}
         variances.update({t: np.zeros_like(reference) for t in fixed})
-        k1_grad = gradient_variance._grad_figures(grad_moments["k1"], "encoder")[
+        k1_grad = gradient_variance.grad_figures(grad_moments["k1"], "encoder")[
             "encoder_grad_variance"]
         for t in list(fixed) + [t for t in terms if t in moments]:
             mean = fixed[t] if t in fixed else moments[t].mean
@@ -230,7 +230,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
                    "std": std, "std_over_k1": std / float(np.sqrt(np.mean(variances["k1"]))),
                    "approximation": t == "variational", "num_draws": draws_t}
             if t in grad_moments:
-                g = gradient_variance._grad_figures(grad_moments[t], "encoder")
+                g = gradient_variance.grad_figures(grad_moments[t], "encoder")
                 row.update(encoder_grad_variance=g["encoder_grad_variance"],
                            encoder_snr=g["encoder_snr"],
                            encoder_grad_variance_over_k1=g["encoder_grad_variance"] / k1_grad)

@@ -235,10 +235,8 @@ def run(config, workdir: str) -> dict:
     results = {"experiment": "bound_snr", "rows": rows, "slopes": fit_slopes(rows),
                "bias": bias_rows(config, jax.random.fold_in(key, 2)),
                "floor_factor": FLOOR_FACTOR, "config": config.to_dict()}
-    report.write_json(workdir / "results.json", results)
-    (workdir / "results.md").write_text(markdown(results))
+    report.publish(workdir, results, markdown(results))
     plot(rows, workdir / "bound_snr.png")
-    print(markdown(results))
     return results
 
 

@@ -116,10 +116,9 @@ def run(config, workdir: str) -> dict:
                "num_epochs": cfg.num_epochs, "num_seeds": cfg.num_seeds,
                "eval_importance_samples": cfg.eval_importance_samples,
                "steps_per_epoch": rows[0]["steps"] // max(cfg.num_epochs, 1) if rows else None}
-    report.write_json(workdir / "results.json", results)
-    (workdir / "results.md").write_text(_markdown(results, config))
+    report.publish(workdir, results, _markdown(results, config),
+                   report.markdown_table(rows, COLUMNS))
     _plot(curves, results, workdir / "learning_curves.png")
-    print(report.markdown_table(rows, COLUMNS))
     return results
 
 

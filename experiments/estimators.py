@@ -198,17 +198,15 @@ def run(config, workdir: str) -> dict:
             if schulman:
                 hists[(case["p_mean"], estimator)] = (first[: config.histogram_draws], true_kl)
     results = {"experiment": "estimators", "rows": rows}
-    report.write_json(workdir / "results.json", results)
     table = report.markdown_table(rows, COLUMNS)
-    (workdir / "results.md").write_text(
+    report.publish(workdir, results, (
         "# Sampled KL estimators against the analytic KL\n\n"
         "q = N(q_mean, e^q_log_var I), p = N(p_mean, e^p_log_var I); q_mean = q_log_var = 0 in"
         " every row. `exact_*` by Gauss-Hermite quadrature. Measured figures are"
         " `value ± Monte Carlo standard error` over the `num_draws` estimates; `*_z` ="
         " (measured - exact) / SE; an empty SE marks a figure whose draws have an infinite"
-        " second (bias) or fourth (std) moment.\n\n" + table + "\n" + agreement(rows))
+        " second (bias) or fourth (std) moment.\n\n" + table + "\n" + agreement(rows)), table)
     _plot(hists, workdir / "estimators.png")
-    print(table)
     return results
 
 

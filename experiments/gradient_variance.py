@@ -302,11 +302,10 @@ def run(config, workdir: str) -> dict:
                "exact_posterior_stl_relative_encoder_variance": stl_relative,
                "linear_gaussian_dtype": "float64" if config.lg_float64 else "float32",
                "batch_size": config.batch_size, "num_draws": config.num_draws}
-    report.write_json(workdir / "results.json", results)
-    (workdir / "results.md").write_text(_markdown(results, config))
+    report.publish(workdir, results, _markdown(results, config),
+                   report.markdown_table(rows, COLUMNS),
+                   report.markdown_table(ratios, RATIO_COLUMNS))
     _plot(rows, workdir / "gradient_variance.png")
-    print(report.markdown_table(rows, COLUMNS))
-    print(report.markdown_table(ratios, RATIO_COLUMNS))
     return results
 
 

@@ -107,10 +107,8 @@ def run(config, workdir: str) -> dict:
     text = ("# vaekl main job: analytic against sampled KL\n\n"
             f"Total {total:.0f} s. Each part's full table, plots and results.json are in its"
             " subdirectory.\n\n" + "\n".join(sections))
-    (workdir / "results.md").write_text(text)
     results = {"experiment": "main_job", "parts": list(config.parts), "wall_s": timings,
                "total_wall_s": total,
                "results": {name: f"{name}/results.json" for name in config.parts}}
-    report.write_json(workdir / "results.json", results)
-    print("\n" + text)
+    report.publish(workdir, results, text, "\n" + text)
     return results

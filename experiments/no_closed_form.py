@@ -249,11 +249,10 @@ def run(config, workdir: str) -> dict:
                "dataset": cfg.dataset, "num_epochs": cfg.num_epochs, "num_seeds": cfg.num_seeds,
                "eval_importance_samples": cfg.eval_importance_samples,
                "estimate_kl": config.estimate_kl, "num_examples": config.num_examples}
-    report.write_json(workdir / "results.json", results)
-    (workdir / "results.md").write_text(_markdown(results, config))
+    report.publish(workdir, results, _markdown(results, config),
+                   report.markdown_table(estimators, ESTIMATOR_COLUMNS),
+                   report.markdown_table(training, TRAINING_COLUMNS))
     _plot(results, workdir / "no_closed_form.png")
-    print(report.markdown_table(estimators, ESTIMATOR_COLUMNS))
-    print(report.markdown_table(training, TRAINING_COLUMNS))
     return results
 
 

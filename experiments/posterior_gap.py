@@ -249,11 +249,10 @@ def run(config, workdir: str) -> dict:
                   "noise_std": model.noise_std},
         "trained": "linear encoders, decoder fixed at the true model (W, b, s)",
     }
-    report.write_json(workdir / "results.json", results)
-    (workdir / "results.md").write_text(_markdown(results, config))
+    report.publish(workdir, results, _markdown(results, config),
+                   report.markdown_table(rows, COLUMNS))
     _plot_gap(rows, floor, model.latent_dim, workdir / "posterior_gap.png")
     _plot_scatter(per_example, workdir / "elbo_vs_log_px.png")
-    print(report.markdown_table(rows, COLUMNS))
     return results
 
 

@@ -1,6 +1,7 @@
 """Writing results: markdown tables, figures, and the JSON and workdir helpers of vaekl.workdir."""
 
 import math
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from vaekl.workdir import prepare_workdir, write_json  # noqa: F401  (re-exported)
@@ -77,3 +78,13 @@ def save_figure(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def publish(workdir: Path, results: dict, markdown: str, *tables: str) -> None:
+    """An experiment's results: `results.json` and `results.md` (`markdown`) in `workdir`,
+    then `tables` (or, without any, `markdown`) printed. Plots come after, so that a
+    failing plot loses no figure."""
+    write_json(workdir / "results.json", results)
+    (workdir / "results.md").write_text(markdown)
+    print("\n".join(tables) if tables else markdown)
+

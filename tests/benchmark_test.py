@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,7 @@ def _benchmark(*args, timeout):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_benchmark_quick_writes_every_key(tmp_path):
     out = _benchmark(f"--out={tmp_path}", "--quick", "--sections=import,step,vmap8,iwae",
                      timeout=600)

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from experiments import bound_snr
 from experiments.configs import bound_snr as bound_snr_config
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_quick_bound_snr_writes_rows_slopes_and_bias(tmp_path):
     config = bound_snr_config.get_config("quick")
     config.toy_draws, config.vae_draws, config.bias_draws = 300, 30, 300

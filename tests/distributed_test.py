@@ -235,6 +235,7 @@ def test_two_processes_train_as_one_process_of_two_devices_and_of_one(two_proces
     assert logged_steps(workdir) == logged_steps(one_device)
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_a_killed_process_stops_the_run_and_a_rerun_resumes_it(two_processes, one_device,
                                                                tmp_path):
     sweeps, uninterrupted = two_processes

@@ -40,6 +40,7 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_walkthrough_notebook_executes(tmp_path):
     pytest.importorskip("nbconvert")
     pytest.importorskip("ipykernel")

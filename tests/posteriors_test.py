@@ -222,6 +222,10 @@ def test_a_term_the_pair_has_not_is_refused_naming_the_pair(family, prior_name):
             elbo.posterior_elbo(jax.random.key(0), _posterior(family), lambda z: z[..., 0],
                                 PRIORS[prior_name], kl=bad)
         assert f"{family} posterior" in str(info.value) and str(terms) in str(info.value)
+    if "analytic" not in terms:  # The closed form itself refuses the pair alike.
+        with pytest.raises(ValueError, match="analytic_kl: the KL has no closed form") as info:
+            posteriors.analytic_kl(_posterior(family), PRIORS[prior_name])
+        assert f"{family} posterior" in str(info.value) and str(terms) in str(info.value)
 
 
 def test_posterior_elbo_refuses_a_non_posterior():

@@ -431,6 +431,24 @@ def test_a_signal_stops_training_with_a_checkpoint_and_the_rerun_ends_alike(
     assert without_times(tmp_path) == without_times(quick_run)
 
 
+def test_a_signal_after_the_final_evaluation_lets_the_run_finish(tmp_path, quick_run,
+                                                                   monkeypatch, caplog):
+    write_results = workdir_lib.write_results
+
+    def signal_then_write(*args, **kwargs):  # As if SIGTERM came as the results were written.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # The watcher thread sets the flag.
+        return write_results(*args, **kwargs)
+
+    monkeypatch.setattr(workdir_lib, "write_results", signal_then_write)
+    workdir = tmp_path / "run"
+    results = train.train_and_evaluate(quick(), str(workdir))
+    assert results["test_elbo"] == json.loads((quick_run / "results.json").read_text())["test_elbo"]
+    assert (workdir / "learning_curve.png").stat().st_size > 0  # Written after the signal.
+    assert "SIGTERM came after the final evaluation: the run finished." in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The handler is restored.
+
+
 def test_several_seeds_get_an_event_folder_each(tmp_path):
     writer = workdir_lib.MetricWriter(tmp_path, resume_step=0, seeds=[3, 4])
     writer.write_scalars(10, {"elbo": [-90.0, -95.0], "per_dim_kl": [[1.0, 2.0], [3.0, 4.0]]},

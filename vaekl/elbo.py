@@ -114,13 +114,8 @@ def _check_posterior(name, posterior, prior, kl=None):
                         f" {type(posterior).__name__}.")
     if kl is None:
         return
-    terms = posteriors.kl_terms(posterior.family, isinstance(prior, DiagNormal))
-    if kl not in terms:
-        reason = ("has no closed form" if kl == "analytic"
-                  else "needs q's entropy in closed form, which is not known")
-        raise ValueError(f"{name}: kl={kl!r} {reason} for"
-                         f" {posteriors.pair_name(posterior.family, prior)}; the KL terms that"
-                         f" work for this pair: {terms}.")
+    posteriors.check_kl_term(f"{name}: kl={kl!r}", kl, posterior.family, prior,
+                             isinstance(prior, DiagNormal))
 
 
 def posterior_elbo(key: jax.Array, posterior: posteriors.Posterior,

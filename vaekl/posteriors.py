@@ -269,6 +269,21 @@ def pair_name(family: str, prior) -> str:
     return f"KL({family} posterior || {prior_name} prior)"
 
 
+def check_kl_term(what: str, kl: str, family: str, prior, gaussian_prior: bool,
+                  pair: str = "") -> None:
+    """Raises ValueError if the KL term `kl` does not apply to (`family`, `prior`).
+
+    The message starts with `what` (the argument or config field and its value), names
+    the pair (`pair`, or `pair_name`'s) and lists the terms of `kl_terms` that work.
+    """
+    terms = kl_terms(family, gaussian_prior)
+    if kl not in terms:
+        reason = ("has no closed form" if kl == "analytic"
+                  else "needs q's entropy in closed form, which is not known")
+        raise ValueError(f"{what} {reason} for {pair or pair_name(family, prior)}; the KL"
+                         f" terms that work for this pair: {terms}.")
+
+
 def _component_kls(posterior, prior: MixtureOfGaussians) -> jax.Array:
     """KL(q || component b) for each component, [..., num_components]."""
     if isinstance(posterior, DiagGaussian):
@@ -284,17 +299,15 @@ def analytic_kl(posterior: Posterior, prior) -> jax.Array:
     Raises:
       ValueError: for a pair without a closed form, naming it and the KL terms that work.
     """
-    if isinstance(prior, DiagNormal) and isinstance(posterior, DiagGaussian):
+    check_kl_term("vaekl.posteriors.analytic_kl: the KL", "analytic", posterior.family, prior,
+                  isinstance(prior, DiagNormal))
+    if isinstance(posterior, DiagGaussian):
         return kl_lib.analytic(posterior.mean, posterior.log_var, prior=prior)
-    if isinstance(prior, DiagNormal) and isinstance(posterior, FullGaussian):
-        dim = posterior.mean.shape[-1]
-        p_scale = jnp.broadcast_to(jnp.exp(0.5 * jnp.asarray(prior.log_var,
-                                                             posterior.mean.dtype)), (dim,))
-        return kl_lib.analytic_full(posterior.mean, posterior.scale_tril, prior.mean,
-                                    _diag_matrix(p_scale))
-    terms = kl_terms(posterior.family, isinstance(prior, DiagNormal))
-    raise ValueError(f"vaekl.posteriors.analytic_kl: {pair_name(posterior.family, prior)} has"
-                     f" no closed form; the KL terms that work for this pair: {terms}.")
+    dim = posterior.mean.shape[-1]  # A FullGaussian.
+    p_scale = jnp.broadcast_to(jnp.exp(0.5 * jnp.asarray(prior.log_var, posterior.mean.dtype)),
+                               (dim,))
+    return kl_lib.analytic_full(posterior.mean, posterior.scale_tril, prior.mean,
+                                _diag_matrix(p_scale))
 
 
 def variational_kl(posterior: Union[DiagGaussian, FullGaussian],

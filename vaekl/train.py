@@ -20,6 +20,7 @@ alone writes the workdir's files; all processes save and restore the checkpoints
 """
 
 import json
+import signal
 import time
 
 import jax
@@ -108,7 +109,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     SIGINT or SIGTERM stops it after the epoch in flight (or between evaluation
     batches) with a checkpoint of the last completed epoch, raising
-    `interrupt.Interrupted`; a second SIGINT ends the process at once. Under
+    `interrupt.Interrupted`; a second SIGINT ends the process at once. One that comes
+    after the final evaluation lets the run finish its writes and return. Under
     `jax.distributed` a signal to any process stops them all at the same point.
 
     Returns:
@@ -174,8 +176,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 save()
             raise interrupt.Interrupted(step, signum)
 
-    try:
-        with interrupt.deferred_signals() as stop:
+    # Signals stay deferred to the end: one that comes after the final evaluation lets the
+    # run finish its writes (its work is done) instead of ending it halfway through them.
+    with interrupt.deferred_signals() as stop:
+        try:
             if first_epoch < config.num_epochs:
                 train_wall += _compile(epoch_step, state, keys, first_epoch, train_x)
                 stop_if_signalled()
@@ -209,28 +213,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
             summary = evaluator.summary(state.params,
                                         importance_samples=config.eval_importance_samples,
                                         stop=stop_if_signalled)
-        writer.write_scalars(step, summary, split="eval")
-        results = evaluator.results(summary, num_seeds)
-        results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
-                       total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
-                       dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
-                       objective=config.objective, grad_estimator=config.grad_estimator,
-                       outer_samples=config.outer_samples,
-                       seed=config.seed, num_seeds=num_seeds, devices=len(devices),
-                       processes=jax.process_count(), platform=devices[0].platform)
+            writer.write_scalars(step, summary, split="eval")
+            results = evaluator.results(summary, num_seeds)
+            results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
+                           total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
+                           dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
+                           objective=config.objective, grad_estimator=config.grad_estimator,
+                           outer_samples=config.outer_samples,
+                           seed=config.seed, num_seeds=num_seeds, devices=len(devices),
+                           processes=jax.process_count(), platform=devices[0].platform)
+            if primary:
+                workdir_lib.write_results(work, results)
+                if len(train_data.shape) == 3:  # On this process's device, from a host copy.
+                    writer.write_images(step, evaluator.write_images(
+                        work, jax.device_get(state.params), keys, epoch=step // steps_per_epoch,
+                        step=step, test_elbo=summary["test_elbo"]))
+        finally:
+            ckpt.close()
+            writer.close()
         if primary:
-            workdir_lib.write_results(work, results)
-            if len(train_data.shape) == 3:  # On this process's device, from a host copy.
-                writer.write_images(step, evaluator.write_images(
-                    work, jax.device_get(state.params), keys, epoch=step // steps_per_epoch,
-                    step=step, test_elbo=summary["test_elbo"]))
-    finally:
-        ckpt.close()
-        writer.close()
-    if primary:
-        evaluate.write_learning_curve(
-            workdir_lib.read_metrics(work / "metrics.jsonl"), work / "learning_curve.png",
-            title=f"{config.dataset}, {_objective_name(config)}, {config.num_epochs} epochs")
+            evaluate.write_learning_curve(
+                workdir_lib.read_metrics(work / "metrics.jsonl"), work / "learning_curve.png",
+                title=f"{config.dataset}, {_objective_name(config)}, {config.num_epochs} epochs")
+        if stop.signum is not None:
+            logging.warning("%s came after the final evaluation: the run finished.",
+                            signal.Signals(stop.signum).name)
     logging.info("Results: %s", json.dumps({k: v for k, v in results.items()
                                             if not isinstance(v, (list, dict))}))
     return results

@@ -46,8 +46,8 @@ ESTIMATOR_COLUMNS = ("posterior", "prior", "kl", "kl_reference", "reference_se",
                      "bias_se", "std", "std_over_k1", "encoder_grad_variance",
                      "encoder_grad_variance_over_k1")
 TRAINING_COLUMNS = ("posterior", "prior", "kl", "test_elbo_mean", "test_elbo_std",
-                    "test_log_likelihood_mean", "test_log_likelihood_std", "active_units_mean",
-                    "test_rate_mean", "num_seeds")
+                    "test_log_likelihood_mean", "test_log_likelihood_std",
+                    "test_log_likelihood_se", "active_units_mean", "test_rate_mean", "num_seeds")
 ENCODER_PARAMS = ("enc_net", "enc_torso", "enc_head", "iaf")
 
 
@@ -86,6 +86,8 @@ def training_rows(config, workdir: Path) -> list:
             rows.append({"posterior": posterior, "prior": prior, "kl": kl,
                          "num_seeds": results["num_seeds"], "steps": results["steps"],
                          "train_wall_s": results["train_wall_s"],
+                         "test_examples": results.get("test_examples"),
+                         "test_log_likelihood_se": results.get("test_log_likelihood_se"),
                          "run": str(sub.relative_to(workdir)),
                          **compare_training.seed_figures(results, compare_training.SEED_FIELDS)})
     return rows
@@ -284,8 +286,12 @@ def _markdown(results, config) -> str:
         + "\n## Training outcomes\n\n"
         "Test ELBO (analytic KL where the pair has one, k1 otherwise), IWAE log-likelihood"
         f" with {cfg.eval_importance_samples} samples, active units (Cov_x E_q z > 0.01; for"
-        " the flow the image of its base's mean) and rate; nats per example, mean and std over"
-        " seeds.\n\n"
+        " the flow the image of its base's mean) and rate, on"
+        f" {'the first ' + str(cfg.eval_examples) if cfg.eval_examples else 'all the'} test"
+        " examples; nats per example, mean and std over seeds, and `test_log_likelihood_se`"
+        " the standard error over the test examples (a seed's, averaged over seeds): the"
+        " examples are the same in every row, so differences between rows are paired and"
+        " their error is smaller.\n\n"
         + report.markdown_table(results["training"], TRAINING_COLUMNS))
 
 

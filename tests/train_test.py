@@ -77,6 +77,24 @@ def test_quick_run_writes_the_workdir(tmp_path):
         results["steps"] % 10)
 
 
+def test_eval_examples_evaluates_the_first_test_examples_with_their_standard_error(tmp_path):
+    config = make_config(num_epochs=1, eval_examples=40)
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["test_examples"] == 40
+    # They are the first 40 of the test split.
+    _, test = train.load_data(make_config())
+    assert len(test) > 40
+    _, cut = train.load_data(config)
+    np.testing.assert_array_equal(cut.x, test.x[:40])
+    for name in ("test_elbo", "test_log_likelihood"):
+        assert 0 < results[f"{name}_se"] < 20, name
+    with pytest.raises(ValueError, match=r"config.eval_examples: 100000 is more than the"):
+        train.load_data(make_config(eval_examples=100_000))
+    with pytest.raises(ValueError, match=r"config.eval_examples"):
+        train.train_and_evaluate(make_config(eval_examples=-1), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()  # Refused before anything is written.
+
+
 def test_the_epoch_compiles_once(tmp_path, caplog):
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         train.train_and_evaluate(make_config(num_epochs=3), str(tmp_path))

@@ -98,6 +98,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.eval_importance_samples_during = 0  # The same, at every evaluation during training.
     c.eval_elbo_samples = 1  # Draws of z per test example in the test ELBO.
     c.eval_batch_size = 100  # Test examples per evaluation batch.
+    c.eval_examples = 0  # The first so many test examples are evaluated (0: all of them).
     c.eval_chunk_size = 100  # Importance samples per device call.
     c.eval_every_epochs = 0  # A test evaluation every so many epochs (0: at the end only).
     c.log_every_steps = 50  # Training metrics every so many steps.
@@ -202,7 +203,8 @@ def check(config, *, num_devices: int) -> None:
     for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples",
                   "iaf_steps", "num_pseudo_inputs"):
         validate.config_int(config, field, minimum=1)
-    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps", "iaf_context"):
+    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps", "iaf_context",
+                  "eval_examples"):
         validate.config_int(config, field, minimum=0)
     if not config.learning_rate > 0:
         raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")

@@ -160,6 +160,10 @@ class Evaluator:
         }
         if importance_samples:
             figures["test_log_likelihood"] = out["log_likelihood"].mean(-1)
+        # Standard errors over the test examples (their spread, not the seeds').
+        for name, key in (("test_elbo", "elbo"), ("test_log_likelihood", "log_likelihood")):
+            if key in out:
+                figures[f"{name}_se"] = out[key].std(-1, ddof=1) / np.sqrt(out[key].shape[-1])
         if "model_log_likelihood" in out:
             # Exact log p_theta(x) under the trained (linear) model: what IWAE estimates.
             figures["test_model_log_likelihood"] = out["model_log_likelihood"].mean(-1)
@@ -168,7 +172,7 @@ class Evaluator:
     def results(self, summary: dict, num_seeds: int) -> dict:
         """The results.json figures: scalars, plus a per-seed list when vmapped."""
         extra = {"eval_importance_samples": self._config.eval_importance_samples,
-                 "eval_elbo_samples": self._config.eval_elbo_samples}
+                 "eval_elbo_samples": self._config.eval_elbo_samples, "test_examples": self._n}
         if self._exact is not None:
             # Exact log p(x) under the model that generated the data.
             extra["exact_test_log_likelihood"] = self._exact

@@ -19,6 +19,7 @@ alone writes the workdir's files; all processes save and restore the checkpoints
 (orbax's multi-process protocol).
 """
 
+import dataclasses
 import json
 import signal
 import time
@@ -87,13 +88,21 @@ def _objective_name(config) -> str:
 
 
 def load_data(config):
-    """(train, test) `vaekl.data.Dataset`s for `config.dataset`."""
+    """(train, test) `vaekl.data.Dataset`s for `config.dataset`; the test split cut to its
+    first `config.eval_examples` examples when that is set."""
     from vaekl import data  # Lazy: the data module reaches for tensorflow-datasets.
 
     kwargs = dict(data_dir=config.get("data_dir"), path=config.get("data_path") or None,
                   seed=config.data_seed, **dict(config.get("data_options", {})))
-    return data.load(config.dataset, "train", **kwargs), data.load(config.dataset, "test",
-                                                                    **kwargs)
+    train, test = (data.load(config.dataset, split, **kwargs) for split in ("train", "test"))
+    num = config.get("eval_examples", 0)
+    if num > len(test):
+        raise ValueError(f"config.eval_examples: {num} is more than the {len(test)} test"
+                         f" examples of {config.dataset!r} (0 evaluates them all).")
+    if num:
+        test = dataclasses.replace(test, x=test.x[:num],
+                                   labels=None if test.labels is None else test.labels[:num])
+    return train, test
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -305,12 +305,13 @@ def test_killed_sweep_is_interrupted_then_resumed(tmp_path):
     assert (root / "seed=0" / "results.json").exists()
 
 
-# A training run of 40 short epochs (digits, batch 16): signals land inside training.
+# A training run of 400 short epochs (digits, batch 16; seconds of training after its first
+# progress line, where 40 epochs gave under one, and a signal then often came after them).
 TRAINING_SWEEP = """\
 from launch.sweeps import Sweep
 
 train = Sweep(config="experiments/configs/train.py:quick", runs=[{"seed": 0}],
-              fixed={"num_epochs": 40, "batch_size": 16, "eval_importance_samples": 10})
+              fixed={"num_epochs": 400, "batch_size": 16, "eval_importance_samples": 10})
 """
 PROGRESS = re.compile(r"train: \d+/\d+ steps")
 STOPPED = re.compile(r"^interrupted at step (\d+); rerun the same command to resume$", re.M)

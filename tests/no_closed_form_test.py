@@ -117,6 +117,7 @@ def experiment(tmp_path_factory):
     return workdir, config, main.run(config, str(workdir))
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_experiment_writes_its_files_and_a_row_per_run(experiment):
     workdir, config, results = experiment
     for name in ("results.json", "results.md", "no_closed_form.png"):
@@ -133,6 +134,7 @@ def test_experiment_writes_its_files_and_a_row_per_run(experiment):
     assert "| full | vamp | entropy |" in md and "| iaf | standard | stl |" in md
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_experiment_measures_every_term_of_every_pair(experiment):
     _, config, results = experiment
     by = {(r["posterior"], r["prior"], r["kl"]): r for r in results["estimators"]}

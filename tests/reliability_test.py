@@ -553,6 +553,7 @@ def _newest(workdir: Path) -> int:
     return (_steps(workdir) or [0])[-1]
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
     workdir = tmp_path / "killed"
     rng = random.Random(0)

@@ -116,6 +116,7 @@ def test_resume_gives_bitwise_equal_parameters(tmp_path):
                      if m["split"] == "train"]
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_seeds_in_one_program_match_separate_runs(tmp_path):
     # On CPU the seeds' epochs run one after another (lax.map); the vmapped form is below.
     vmapped = train.train_and_evaluate(make_config(num_epochs=2, num_seeds=4, seed=3),
@@ -161,6 +162,7 @@ def _run_subprocess(workdir, devices):
     return json.loads((Path(workdir) / "results.json").read_text())
 
 
+@pytest.mark.slow  # About a minute: in CI's slow pass.
 def test_four_devices_give_the_one_device_result(tmp_path):
     one = _run_subprocess(tmp_path / "one", 1)
     four = _run_subprocess(tmp_path / "four", 4)

@@ -242,6 +242,22 @@ def test_a_different_config_does_not_overwrite_a_run(tmp_path):
     assert (tmp_path / "results.json").read_text() == before
 
 
+def test_a_run_from_before_a_new_config_field_resumes_with_its_default(tmp_path):
+    config = vaekl_config.complete(make_config(num_epochs=1))
+    workdir_lib.prepare(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["iaf_context"], saved["eval_examples"]  # As written before vaekl had them.
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    workdir_lib.prepare(str(tmp_path), config)  # The defaults: the same run.
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config.eval_examples = 10  # Evaluation only: resumable.
+    workdir_lib.prepare(str(tmp_path), config)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config.iaf_context = 5
+    with pytest.raises(ValueError, match=r"different config \(iaf_context: 20 -> 5\)"):
+        workdir_lib.prepare(str(tmp_path), config)
+
+
 @pytest.mark.slow
 def test_flax_example_setting_reaches_its_published_elbo(tmp_path):
     """binarized_mnist, 784-500-20 ReLU, batch 128, Adam 1e-3, 10 epochs: test ELBO >= -103.6."""

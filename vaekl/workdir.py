@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from vaekl import config as config_lib
+
 # Fields that may differ when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = ("num_epochs", "eval_importance_samples", "eval_every_epochs",
                      "eval_importance_samples_during", "eval_elbo_samples", "eval_batch_size",
-                     "eval_chunk_size", "log_every_steps", "data_dir",
+                     "eval_examples", "eval_chunk_size", "log_every_steps", "data_dir",
                      "data_path")
 # Schedules whose learning rate at every step depends on num_epochs (through the total
 # number of steps): for them a resume with another num_epochs would train something else.
@@ -85,14 +87,18 @@ def prepare(workdir: str, config, *, write: bool = True) -> Path:
     new = json.loads(config.to_json_best_effort())
     config_path = path / "config.json"
     if config_path.exists():
-        old = json.loads(config_path.read_text())
+        # A field that vaekl gained after that run began reads there as its default, which
+        # keeps the behaviour from before the field (a new field's default must).
+        defaults = json.loads(config_lib.get_config().to_json_best_effort())
+        old = {**defaults, **json.loads(config_path.read_text())}
         resumable = set(RESUMABLE_CHANGES)
         if new.get("schedule") in EPOCH_DEPENDENT_SCHEDULES:
             resumable.discard("num_epochs")
-        changed = sorted(k for k in set(old) | set(new)
-                         if old.get(k) != new.get(k) and k not in resumable)
+        full = {**defaults, **new}
+        changed = sorted(k for k in set(old) | set(full)
+                         if old.get(k) != full.get(k) and k not in resumable)
         if changed:
-            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {full.get(k)!r}" for k in changed)
             raise ValueError(
                 f"--workdir: {workdir!r} holds a run with a different config ({diffs}); resume"
                 " it with the same config or choose a new --workdir.")

@@ -181,7 +181,8 @@ class Evaluator:
         seeds = [{k: v[s] for k, v in summary.items()} | {"seed": self._config.seed + s}
                  for s in range(num_seeds)]
         means = {k: float(np.mean(v)) for k, v in summary.items() if k != "per_dim_kl"}
-        stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items() if k != "per_dim_kl"}
+        stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items()
+                if k != "per_dim_kl" and not k.endswith("_se")}  # An SE's mean, not its spread.
         return {**means, **stds, **extra, "seeds": seeds}
 
     def write_images(self, workdir: Path, params, keys, *, epoch: int, step: int,

@@ -217,7 +217,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
         summary = {"reference_term": reference_term, "kl_reference": float(np.mean(reference)),
                    "reference_se": float(np.sqrt(np.mean(reference_var) / reference.size)),
                    "reference_draws": reference_draws}
-        variances = {t: m.m2 / (m.n - 1) for t, m in moments.items()}
+        variances = {t: m.variance() for t, m in moments.items()}
         variances.update({t: np.zeros_like(reference) for t in fixed})
         k1_grad = gradient_variance.grad_figures(grad_moments["k1"], "encoder")[
             "encoder_grad_variance"]

@@ -36,11 +36,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from experiments import compare_training, gradient_variance, report
 from experiments.moments import Moments
 from vaekl import checkpoint, elbo, models, posteriors
 from vaekl.priors import MixtureOfGaussians
+from vaekl.progress import Progress
 
 ESTIMATOR_COLUMNS = ("posterior", "prior", "kl", "kl_reference", "reference_se", "bias",
                      "bias_se", "std", "std_over_k1", "encoder_grad_variance",
@@ -79,17 +81,20 @@ def _train_or_read(config, workdir: Path, posterior, prior, kl) -> tuple[Path, d
 
 
 def training_rows(config, workdir: Path) -> list:
+    runs = [(posterior, prior, kl) for posterior, prior in config.pairs
+            for kl in pair_terms(posterior, prior, config.kls)]
     rows = []
-    for posterior, prior in config.pairs:
-        for kl in pair_terms(posterior, prior, config.kls):
-            sub, results = _train_or_read(config, workdir, posterior, prior, kl)
-            rows.append({"posterior": posterior, "prior": prior, "kl": kl,
-                         "num_seeds": results["num_seeds"], "steps": results["steps"],
-                         "train_wall_s": results["train_wall_s"],
-                         "test_examples": results.get("test_examples"),
-                         "test_log_likelihood_se": results.get("test_log_likelihood_se"),
-                         "run": str(sub.relative_to(workdir)),
-                         **compare_training.seed_figures(results, compare_training.SEED_FIELDS)})
+    for i, (posterior, prior, kl) in enumerate(runs):
+        logging.info("no_closed_form: run %d/%d, %s", i + 1, len(runs),
+                     run_name(posterior, prior, kl))
+        sub, results = _train_or_read(config, workdir, posterior, prior, kl)
+        rows.append({"posterior": posterior, "prior": prior, "kl": kl,
+                     "num_seeds": results["num_seeds"], "steps": results["steps"],
+                     "train_wall_s": results["train_wall_s"],
+                     "test_examples": results.get("test_examples"),
+                     "test_log_likelihood_se": results.get("test_log_likelihood_se"),
+                     "run": str(sub.relative_to(workdir)),
+                     **compare_training.seed_figures(results, compare_training.SEED_FIELDS)})
     return rows
 
 
@@ -177,13 +182,17 @@ def _pair_fns(model, cfg, x, terms):
     return draws_of, closed_forms, grads
 
 
-def _moments(fn, params, key, num_draws: int, chunk: int) -> dict:
+def _moments(fn, params, key, num_draws: int, chunk: int, what: str) -> dict:
     """{name: `experiments.moments.Moments` over draws} of fn(params, keys [chunk]) -> {name:
-    [chunk, ...]}, called ceil(num_draws / chunk) times (every call the same shape)."""
+    [chunk, ...]}, called ceil(num_draws / chunk) times (every call the same shape); `what`
+    names the work on the progress lines."""
+    calls = -(-num_draws // chunk)
+    progress = Progress(f"no_closed_form: {what}", calls * chunk, unit="draws", quiet_s=5.0)
     moments = {}
-    for i in range(-(-num_draws // chunk)):
+    for i in range(calls):
         for name, v in fn(params, jax.random.split(jax.random.fold_in(key, i), chunk)).items():
             moments.setdefault(name, Moments()).add(v)
+        progress.advance(chunk)
     return moments
 
 
@@ -194,6 +203,8 @@ def estimator_rows(config, workdir: Path, key) -> list:
                          f" allows), got {config.estimate_kl!r}.")
     rows = []
     for pi, (posterior, prior) in enumerate(config.pairs):
+        logging.info("no_closed_form: KL terms, pair %d/%d, %s_%s", pi + 1, len(config.pairs),
+                     posterior, prior)
         model, cfg, params, x = _trained(config, workdir, posterior, prior)
         keys = [jax.random.fold_in(jax.random.fold_in(key, pi), i) for i in range(3)]
         terms = posteriors.kl_terms(posterior, prior in models.GAUSSIAN_PRIORS)
@@ -201,8 +212,9 @@ def estimator_rows(config, workdir: Path, key) -> list:
         # Draws per call: about `elbo.CHUNK_ELEMENTS` latent values.
         cap = max(1, elbo.CHUNK_ELEMENTS // x.shape[0] // cfg.latents)
         sampled = tuple(t for t in terms if t != "analytic")
+        pair = f"{posterior}_{prior}"
         moments = _moments(draws_of(sampled), params, keys[0], config.num_draws,
-                           min(config.num_draws, cap))
+                           min(config.num_draws, cap), f"{pair} KL draws")
         fixed = {t: np.asarray(v, np.float64) for t, v in closed_forms(params).items()}
         if "analytic" in fixed:
             reference_term, reference, reference_draws = "analytic", fixed["analytic"], 0
@@ -210,10 +222,12 @@ def estimator_rows(config, workdir: Path, key) -> list:
         else:
             reference_term = "entropy" if "entropy" in terms else "k1"
             ref = _moments(draws_of((reference_term,)), params, keys[1], config.reference_draws,
-                           min(config.reference_draws, cap))[reference_term]
+                           min(config.reference_draws, cap),
+                           f"{pair} reference draws")[reference_term]
             reference, reference_draws = ref.mean, ref.n
-            reference_var = ref.m2 / (ref.n - 1) / ref.n
-        grad_moments = _moments(grads, params, keys[2], config.grad_draws, config.grad_chunk)
+            reference_var = ref.variance() / ref.n
+        grad_moments = _moments(grads, params, keys[2], config.grad_draws, config.grad_chunk,
+                                f"{pair} gradient draws")
         summary = {"reference_term": reference_term, "kl_reference": float(np.mean(reference)),
                    "reference_se": float(np.sqrt(np.mean(reference_var) / reference.size)),
                    "reference_draws": reference_draws}

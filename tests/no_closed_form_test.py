@@ -2,6 +2,7 @@
 `no_closed_form` experiment end to end (its quick config, on `digits`)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import main
+from experiments import main, no_closed_form
 from experiments.configs import no_closed_form as no_closed_form_config
 from experiments.configs import train as train_config
 from launch import sweeps
@@ -157,3 +158,15 @@ def test_experiment_measures_every_term_of_every_pair(experiment):
                 1.0, rel=1e-4)
     assert by[("full", "vamp", "variational")]["approximation"] is True
     assert by[("full", "vamp", "variational")]["std"] == 0.0
+
+
+@pytest.mark.slow  # Uses the minute-long experiment above: in CI's slow pass.
+def test_a_rerun_reads_every_finished_run_and_says_which(experiment, caplog):
+    workdir, config, results = experiment
+    with caplog.at_level(logging.INFO):
+        rows = no_closed_form.training_rows(config, workdir)
+    assert json.loads(json.dumps(rows)) == json.loads(json.dumps(results["training"]))
+    runs = [f"{r['posterior']}_{r['prior']}_{r['kl']}" for r in results["training"]]
+    said = [r.getMessage() for r in caplog.records if r.name == "absl"]
+    assert said == [f"no_closed_form: run {i + 1}/{len(runs)}, {run}"
+                    for i, run in enumerate(runs)]

@@ -339,9 +339,16 @@ def test_ctrl_c_interrupts_a_training_run_which_a_rerun_resumes(tmp_path, monkey
     args = (f"--sweep={sweep_file}:train", f"--root={tmp_path / 'root'}")
     # The runs inherit it: the rerun reuses the first attempt's compilations.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "launch.sweep", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # Started as from a terminal, with SIGINT's default action: a child inherits an ignored
+    # SIGINT (pytest started in the background by a shell script has one), and Python then
+    # leaves Ctrl-C ignored in the launcher. A Python-level handler here is reset at exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.sweep", *args], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     wait_for_training(run, lambda: proc.poll() is None)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the launcher and its run.
     _, stderr = proc.communicate(timeout=TIMEOUT_S)

@@ -332,14 +332,22 @@ def _plot(results, path: Path):
         ax.set_title(f"{title} (log scale; missing: zero or n/a)", fontsize=10)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.legend(title="KL term", fontsize=8)
+    # Training outcomes grouped as above: a pair per tick, a KL term per colour and offset.
     rows = results["training"]
     ax = axes[2]
-    names = [f"{r['posterior']}/{r['prior']}\n{r['kl']}" for r in rows]
-    means = [r.get("test_log_likelihood_mean", r.get("test_elbo_mean")) for r in rows]
-    stds = [r.get("test_log_likelihood_std", r.get("test_elbo_std")) for r in rows]
-    ax.errorbar(np.arange(len(rows)), means, yerr=stds, fmt="o", capsize=3)
-    ax.set_xticks(np.arange(len(rows)))
-    ax.set_xticklabels(names, fontsize=7, rotation=60)
+    train_pairs = list(dict.fromkeys((r["posterior"], r["prior"]) for r in rows))
+    train_terms = list(dict.fromkeys(r["kl"] for r in rows))
+    step = 0.8 / max(len(train_terms), 1)
+    for j, t in enumerate(train_terms):
+        picked = [(train_pairs.index((r["posterior"], r["prior"])), r) for r in rows
+                  if r["kl"] == t]
+        xs = [i + (j - (len(train_terms) - 1) / 2) * step for i, _ in picked]
+        means = [r.get("test_log_likelihood_mean", r.get("test_elbo_mean")) for _, r in picked]
+        stds = [r.get("test_log_likelihood_std", r.get("test_elbo_std")) for _, r in picked]
+        ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=3, label=t)
+    ax.set_xticks(np.arange(len(train_pairs)))
+    ax.set_xticklabels([f"{a}\n{b}" for a, b in train_pairs], fontsize=8)
+    ax.legend(title="KL term", fontsize=8)
     measure = ("IWAE-%d log-likelihood" % results["eval_importance_samples"]
                if results["eval_importance_samples"] else "test ELBO")
     ax.set_ylabel(f"{measure} [nats per example]")

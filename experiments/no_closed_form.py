@@ -203,8 +203,8 @@ def estimator_rows(config, workdir: Path, key) -> list:
                          f" allows), got {config.estimate_kl!r}.")
     rows = []
     for pi, (posterior, prior) in enumerate(config.pairs):
-        logging.info("no_closed_form: KL terms, pair %d/%d, %s_%s", pi + 1, len(config.pairs),
-                     posterior, prior)
+        pair = f"{posterior}_{prior}"
+        logging.info("no_closed_form: KL terms, pair %d/%d, %s", pi + 1, len(config.pairs), pair)
         model, cfg, params, x = _trained(config, workdir, posterior, prior)
         keys = [jax.random.fold_in(jax.random.fold_in(key, pi), i) for i in range(3)]
         terms = posteriors.kl_terms(posterior, prior in models.GAUSSIAN_PRIORS)
@@ -212,7 +212,6 @@ def estimator_rows(config, workdir: Path, key) -> list:
         # Draws per call: about `elbo.CHUNK_ELEMENTS` latent values.
         cap = max(1, elbo.CHUNK_ELEMENTS // x.shape[0] // cfg.latents)
         sampled = tuple(t for t in terms if t != "analytic")
-        pair = f"{posterior}_{prior}"
         moments = _moments(draws_of(sampled), params, keys[0], config.num_draws,
                            min(config.num_draws, cap), f"{pair} KL draws")
         fixed = {t: np.asarray(v, np.float64) for t, v in closed_forms(params).items()}
@@ -309,41 +308,44 @@ def _markdown(results, config) -> str:
         + report.markdown_table(results["training"], TRAINING_COLUMNS))
 
 
+def _grouped(rows):
+    """The plots' layout of `rows` (dicts with posterior, prior, kl): (pairs in order of first
+    appearance, terms likewise, width of one term's mark, x of (pair index i, term index j))."""
+    pairs = list(dict.fromkeys((r["posterior"], r["prior"]) for r in rows))
+    terms = list(dict.fromkeys(r["kl"] for r in rows))
+    width = 0.8 / max(len(terms), 1)
+    return pairs, terms, width, lambda i, j: i + (j - (len(terms) - 1) / 2) * width
+
+
 def _plot(results, path: Path):
     plt = report.pyplot()
     est = results["estimators"]
-    pairs = list(dict.fromkeys((r["posterior"], r["prior"]) for r in est))
-    terms = list(dict.fromkeys(r["kl"] for r in est))
+    pairs, terms, width, x = _grouped(est)
     by = {(r["posterior"], r["prior"], r["kl"]): r for r in est}
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    width = 0.8 / max(len(terms), 1)
     labels = [f"{a}\n{b}" for a, b in pairs]
     for ax, field, title in ((axes[0], "std_over_k1", "std of one draw, relative to k1"),
                              (axes[1], "encoder_grad_variance_over_k1",
                               "encoder gradient variance, relative to k1")):
         for j, t in enumerate(terms):
-            xs = np.arange(len(pairs)) + (j - (len(terms) - 1) / 2) * width
             values = [by.get(pr + (t,), {}).get(field) for pr in pairs]
             shown = [v if v else np.nan for v in values]  # 0 (analytic) has no log-scale bar.
-            ax.bar(xs, shown, width, label=t)
+            ax.bar([x(i, j) for i in range(len(pairs))], shown, width, label=t)
         ax.set_yscale("log")
         ax.set_xticks(np.arange(len(pairs)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(f"{title} (log scale; missing: zero or n/a)", fontsize=10)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.legend(title="KL term", fontsize=8)
-    # Training outcomes grouped as above: a pair per tick, a KL term per colour and offset.
+    # Training outcomes grouped alike: a pair per tick, a KL term per colour and offset.
     rows = results["training"]
     ax = axes[2]
-    train_pairs = list(dict.fromkeys((r["posterior"], r["prior"]) for r in rows))
-    train_terms = list(dict.fromkeys(r["kl"] for r in rows))
-    step = 0.8 / max(len(train_terms), 1)
+    train_pairs, train_terms, _, x = _grouped(rows)
     for j, t in enumerate(train_terms):
-        picked = [(train_pairs.index((r["posterior"], r["prior"])), r) for r in rows
-                  if r["kl"] == t]
-        xs = [i + (j - (len(train_terms) - 1) / 2) * step for i, _ in picked]
-        means = [r.get("test_log_likelihood_mean", r.get("test_elbo_mean")) for _, r in picked]
-        stds = [r.get("test_log_likelihood_std", r.get("test_elbo_std")) for _, r in picked]
+        picked = [r for r in rows if r["kl"] == t]
+        xs = [x(train_pairs.index((r["posterior"], r["prior"])), j) for r in picked]
+        means = [r.get("test_log_likelihood_mean", r.get("test_elbo_mean")) for r in picked]
+        stds = [r.get("test_log_likelihood_std", r.get("test_elbo_std")) for r in picked]
         ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=3, label=t)
     ax.set_xticks(np.arange(len(train_pairs)))
     ax.set_xticklabels([f"{a}\n{b}" for a, b in train_pairs], fontsize=8)

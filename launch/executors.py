@@ -8,14 +8,15 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from launch import runs as runs_lib
 
 
 def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2,
-              processes: int = 1) -> dict[str, str]:
+              processes: int = 1,
+              on_end: Callable[[runs_lib.Run, str], None] | None = None) -> dict[str, str]:
     """Runs `runs` as subprocesses, at most `parallel` at a time, until all have ended.
 
     `processes` > 1 runs each run as that many processes joined by `jax.distributed`
@@ -26,7 +27,8 @@ def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2,
     turned off (XLA_PYTHON_CLIENT_PREALLOCATE=false) unless the environment sets it.
     Progress (runs done, running, left) is logged at most once a minute. On
     KeyboardInterrupt the running subprocesses are terminated (a training run first
-    checkpoints) and recorded as interrupted (a rerun resumes them).
+    checkpoints) and recorded as interrupted (a rerun resumes them). `on_end(run, status)`,
+    if given, is called as each run ends (the sweep's `--commit`).
 
     Returns:
       run name -> "done", "failed" or "interrupted" (a run stopped by a signal).
@@ -54,6 +56,8 @@ def run_local(runs: Sequence[runs_lib.Run], parallel: int, poll_s: float = 0.2,
                     del active[name]
                     finished += 1
                     print(f"{ended[name]:8} {name}", flush=True)
+                    if on_end is not None:
+                        on_end(run, ended[name])
             progress.advance(finished, running=len(active), left=len(queue))
     except KeyboardInterrupt:
         for run, proc in active.values():

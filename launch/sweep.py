@@ -37,7 +37,10 @@ P local processes (one per GPU) joined by `jax.distributed`, and --executor=slur
 per GPU; see launch/README.md.
 """
 
+import dataclasses
+import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,9 +75,16 @@ def _define_flags() -> None:
     flags.DEFINE_integer("nodes", None, "slurm: nodes per run (default 1).")
     flags.DEFINE_integer("tasks_per_node", None, "slurm: JAX processes per node, one per GPU "
                          "(default 1).")
+    flags.DEFINE_string("data_dir", None, "The tfds data folder of every run (sets TFDS_DATA_DIR"
+                        " in their environment; not part of a run's identity). Default: the"
+                        " environment's TFDS_DATA_DIR, else ~/tensorflow_datasets.")
+    flags.DEFINE_bool("commit", False, "local: `git commit` each run's directory as the run"
+                      " ends done (its files that .gitignore keeps out, e.g. checkpoints, stay"
+                      " out), so that finished runs survive on another clone.")
     flags.mark_flags_as_required(["sweep", "root"])
 
 
+_LOCAL_ONLY = ("commit",)
 _SLURM_ONLY = ("partition", "time_min", "gpus", "cpus", "wait", "submitit_cluster", "nodes",
                "tasks_per_node")
 _LAUNCHED = (runs_lib.PENDING, runs_lib.INTERRUPTED)
@@ -104,6 +114,60 @@ def format_states(runs: Sequence[runs_lib.Run], states: dict) -> str:
     return "\n".join(lines)
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Takes `--config.FIELD=VALUE` out of `argv`: (the other arguments, {FIELD: VALUE}).
+
+    Raises:
+      ValueError: for a `--config.FIELD` without `=VALUE`.
+    """
+    rest, overrides = [], {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            field, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                raise ValueError(f"{arg}: expected --config.FIELD=VALUE.")
+            overrides[field] = value
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def with_overrides(sweep: sweeps.Sweep, overrides: dict) -> sweeps.Sweep:
+    """`sweep` with `overrides` added to every run: part of each run's name (its identity),
+    so that a run with, say, eval_examples=100 is never taken for the full one.
+
+    Raises:
+      ValueError: when an override sets a field the sweep varies.
+    """
+    if not overrides:
+        return sweep
+    swept = sorted({f for run in sweep.runs for f in run} & set(overrides))
+    if swept:
+        raise ValueError(f"--config.{swept[0]}: the sweep varies {swept[0]!r} itself; override"
+                         " only fields it does not sweep.")
+    return dataclasses.replace(
+        sweep, runs=[{**run, **overrides} for run in sweep.runs],
+        fixed={k: v for k, v in sweep.fixed.items() if k not in overrides})
+
+
+def commit(run: runs_lib.Run, status: str) -> None:
+    """`git add` and `git commit` of the run's directory when it ended done; a failing git is
+    reported, never fatal (the run's files stay where they are)."""
+    if status != runs_lib.DONE:
+        return
+    where = os.path.relpath(run.workdir, runs_lib.REPO_ROOT)
+    for cmd in (["git", "add", "--", where],
+                ["git", "commit", "-q", "-m", f"{FLAGS.sweep}: run {run.name} done", "--",
+                 where]):
+        out = subprocess.run(cmd, cwd=runs_lib.REPO_ROOT, capture_output=True, text=True,
+                             check=False)
+        if out.returncode != 0:
+            print(f"--commit: `{shlex.join(cmd)}` failed: {(out.stderr or out.stdout).strip()}",
+                  file=sys.stderr, flush=True)
+            return
+    print(f"committed {where}", flush=True)
+
+
 def _states(runs: Sequence[runs_lib.Run]) -> dict:
     return {r.name: runs_lib.state(r) for r in runs}
 
@@ -124,6 +188,11 @@ def _check_flags() -> None:
         given = [f"--{f}" for f in _SLURM_ONLY if FLAGS[f].present]
         if given:
             _usage_error(f"{', '.join(given)}: only used with --executor=slurm.")
+    elif FLAGS.commit:
+        _usage_error("--commit: only used with --executor=local.")
+    if FLAGS.data_dir is not None and not Path(FLAGS.data_dir).expanduser().is_dir():
+        _usage_error(f"--data_dir: {FLAGS.data_dir!r} is not a directory; prepare the data"
+                     " there first (`python -m vaekl.prepare`, README's Data section).")
     _check_processes()
 
 
@@ -166,7 +235,7 @@ def main(argv):
     _check_flags()
     root = Path(FLAGS.root)
     try:
-        sweep = sweeps.get(FLAGS.sweep)
+        sweep = with_overrides(sweeps.get(FLAGS.sweep), _OVERRIDES)
         runs = runs_lib.from_sweep(sweep, root)
         for run in runs:
             runs_lib.check_matches(run)
@@ -184,9 +253,12 @@ def main(argv):
             print(f"  {shlex.join(run.command)}")
         return
     print(f"{header}: starting {len(launch)} of {len(runs)} runs", flush=True)
+    if FLAGS.data_dir is not None:  # Inherited by every run, local or on Slurm.
+        os.environ["TFDS_DATA_DIR"] = str(Path(FLAGS.data_dir).expanduser().resolve())
     if launch and FLAGS.executor == "local":
         try:
-            executors.run_local(launch, FLAGS.parallel or 1, processes=FLAGS.processes or 1)
+            executors.run_local(launch, FLAGS.parallel or 1, processes=FLAGS.processes or 1,
+                                on_end=commit if FLAGS.commit else None)
         except KeyboardInterrupt:
             print("interrupted: the running runs were stopped; the same command resumes them.",
                   file=sys.stderr)
@@ -205,6 +277,12 @@ def main(argv):
         sys.exit(1)
 
 
+_OVERRIDES: dict[str, str] = {}  # --config.FIELD=VALUE of the command line.
+
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    try:
+        _ARGV, _OVERRIDES = split_overrides(sys.argv)
+    except ValueError as e:
+        _usage_error(str(e))
+    app.run(main, argv=_ARGV)

@@ -117,7 +117,7 @@ class Evaluator:
             one_batch = jax.vmap(one_batch, in_axes=(0, None, 0))
         return jax.jit(one_batch, out_shardings=distributed.replicated(self._mesh))
 
-    def _per_example(self, params, importance_samples: int, stop=None) -> dict:
+    def per_example(self, params, importance_samples: int, stop=None) -> dict:
         """Figures per test example, [N, ...] (or [seeds, N, ...]), as NumPy arrays.
 
         A Python loop over test batches, one device call each: memory stays that
@@ -148,26 +148,9 @@ class Evaluator:
     def summary(self, params, *, importance_samples: int, stop=None) -> dict:
         """Scalars (lists over seeds when vmapped): test ELBO, rate, distortion, ...
 
-        `importance_samples` = 0 skips the IWAE estimate; `stop` as in `_per_example`.
+        `importance_samples` = 0 skips the IWAE estimate; `stop` as in `per_example`.
         """
-        out = self._per_example(params, importance_samples, stop)
-        figures = {
-            "test_elbo": out["elbo"].mean(-1),
-            "test_rate": out["rate"].mean(-1),
-            "test_distortion": out["distortion"].mean(-1),
-            "active_units": np.sum(out["mean"].var(-2) > ACTIVE_UNIT_THRESHOLD, axis=-1),
-            "per_dim_kl": out["per_dim_kl"].mean(-2),
-        }
-        if importance_samples:
-            figures["test_log_likelihood"] = out["log_likelihood"].mean(-1)
-        # Standard errors over the test examples (their spread, not the seeds').
-        for name, key in (("test_elbo", "elbo"), ("test_log_likelihood", "log_likelihood")):
-            if key in out:
-                figures[f"{name}_se"] = out[key].std(-1, ddof=1) / np.sqrt(out[key].shape[-1])
-        if "model_log_likelihood" in out:
-            # Exact log p_theta(x) under the trained (linear) model: what IWAE estimates.
-            figures["test_model_log_likelihood"] = out["model_log_likelihood"].mean(-1)
-        return {k: v.tolist() for k, v in figures.items()}
+        return summarize(self.per_example(params, importance_samples, stop))
 
     def results(self, summary: dict, num_seeds: int) -> dict:
         """The results.json figures: scalars, plus a per-seed list when vmapped."""
@@ -223,6 +206,27 @@ class Evaluator:
 
     def _mean_image(self, out):
         return jax.nn.sigmoid(out) if self._likelihood == "bernoulli" else out
+
+
+def summarize(out: dict) -> dict:
+    """The summary's scalars (lists over seeds) from `Evaluator.per_example`'s arrays."""
+    figures = {
+        "test_elbo": out["elbo"].mean(-1),
+        "test_rate": out["rate"].mean(-1),
+        "test_distortion": out["distortion"].mean(-1),
+        "active_units": np.sum(out["mean"].var(-2) > ACTIVE_UNIT_THRESHOLD, axis=-1),
+        "per_dim_kl": out["per_dim_kl"].mean(-2),
+    }
+    if "log_likelihood" in out:
+        figures["test_log_likelihood"] = out["log_likelihood"].mean(-1)
+    # Standard errors over the test examples (their spread, not the seeds').
+    for name, key in (("test_elbo", "elbo"), ("test_log_likelihood", "log_likelihood")):
+        if key in out:
+            figures[f"{name}_se"] = out[key].std(-1, ddof=1) / np.sqrt(out[key].shape[-1])
+    if "model_log_likelihood" in out:
+        # Exact log p_theta(x) under the trained (linear) model: what IWAE estimates.
+        figures["test_model_log_likelihood"] = out["model_log_likelihood"].mean(-1)
+    return {k: v.tolist() for k, v in figures.items()}
 
 
 def _save_grid(path: Path, images, shape, cols: int, title: str, row_labels=()) -> None:

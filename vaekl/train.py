@@ -113,7 +113,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     Writes `config.json`, `metrics.jsonl` (train and eval scalars by step) and the
     same scalars as TensorBoard event files in `tensorboard/`, `results.json` (final
-    figures), `checkpoints/` (orbax), `learning_curve.png`, and PNG grids of
+    figures), `per_example.npz` (the final evaluation's figures per test example, for
+    paired comparisons of runs), `checkpoints/` (orbax), `learning_curve.png`, and PNG grids of
     reconstructions and samples for image data (in TensorBoard too).
 
     SIGINT or SIGTERM stops it after the epoch in flight (or between evaluation
@@ -219,9 +220,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     last_save = time.time()
                 progress.advance(steps_per_epoch, loss=float(np.mean(metrics["loss"])))
                 stop_if_signalled()
-            summary = evaluator.summary(state.params,
-                                        importance_samples=config.eval_importance_samples,
-                                        stop=stop_if_signalled)
+            per_example = evaluator.per_example(state.params, config.eval_importance_samples,
+                                                stop=stop_if_signalled)
+            summary = evaluate.summarize(per_example)
             writer.write_scalars(step, summary, split="eval")
             results = evaluator.results(summary, num_seeds)
             results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
@@ -232,6 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            seed=config.seed, num_seeds=num_seeds, devices=len(devices),
                            processes=jax.process_count(), platform=devices[0].platform)
             if primary:
+                workdir_lib.write_per_example(work, per_example)
                 workdir_lib.write_results(work, results)
                 if len(train_data.shape) == 3:  # On this process's device, from a host copy.
                     writer.write_images(step, evaluator.write_images(

@@ -121,6 +121,19 @@ def write_results(path: Path, results: dict) -> None:
     write_json(path / "results.json", results)
 
 
+PER_EXAMPLE = ("elbo", "log_likelihood")  # The per-example figures kept (float32).
+
+
+def write_per_example(path: Path, per_example: dict) -> None:
+    """per_example.npz: the final test ELBO and IWAE log-likelihood of each test example
+    ([N], or [seeds, N]), so that two runs can be compared image by image (a paired
+    standard error). Written before results.json, which marks the run done."""
+    arrays = {k: np.asarray(per_example[k], np.float32) for k in PER_EXAMPLE if k in per_example}
+    tmp = path / "per_example.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path / "per_example.npz")
+
+
 class MetricWriter:
     """The one writer of a run's metrics: metrics.jsonl and TensorBoard event files.
 

@@ -17,6 +17,7 @@ numeric result column) per group, with the std as error bars.
 """
 
 import csv
+import datetime
 import json
 import math
 import statistics
@@ -40,6 +41,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("root", None, "The sweep's root directory (as given to launch.sweep).")
     flags.DEFINE_list("group_by", None, "Columns to group by (default: swept fields but seed).")
     flags.DEFINE_string("metric", None, "The column to plot (default: test_elbo where present).")
+    flags.DEFINE_string("report", None, "Write PREFIX.md, PREFIX.csv and PREFIX.png (e.g."
+                        " results/burda_short) instead of the files in ROOT.")
     flags.mark_flags_as_required(["root"])
 
 
@@ -158,19 +161,17 @@ def mean_std(values: Sequence[Any]) -> tuple[float, float]:
     return statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else 0.0
 
 
-def summary_markdown(root: Path, groups, by: Sequence[str], result_columns: Sequence[str],
-                     seeds: Sequence[Any], num_unfinished: int) -> str:
+def summary_markdown(groups, by: Sequence[str], result_columns: Sequence[str],
+                     seeds: Sequence[Any]) -> str:
     """The summary: what was averaged, the results common to all runs, a row per group."""
     rows = [r for _, group_rows in groups for r in group_rows]
-    num_runs = len({r["run"] for r in rows})
     common = {c: rows[0].get(c) for c in result_columns
               if all(r.get(c) == rows[0].get(c) for r in rows)}
     over = f"seeds {', '.join(fmt(s) for s in seeds)}" if seeds else "runs"
-    intro = (f"{num_runs} finished runs ({num_unfinished} not finished). Grouped by"
-             f" {', '.join(f'`{c}`' for c in by) or 'nothing'}; each cell is mean ± std"
-             f" (sample std) over the `runs` of its group ({over}), or the value where they"
-             " all agree.")
-    lines = [f"# Sweep summary: {root}", "", intro, ""]
+    intro = (f"Grouped by {', '.join(f'`{c}`' for c in by) or 'nothing'}; each cell is mean ±"
+             f" std (sample std, ddof 1) over the `runs` of its group ({over}), or the value"
+             " where they all agree.")
+    lines = [intro, ""]
     if common:
         lines += ["The same in every run: " + ", ".join(f"{c} = {fmt(v)}"
                                                          for c, v in common.items()) + ".", ""]
@@ -245,8 +246,11 @@ def _check_columns(flag: str, names: Sequence[str], columns: Sequence[str]) -> N
 
 
 def collect(root: Path, group_by: Sequence[str] | None = None,
-            metric: str | None = None) -> dict[str, Path]:
+            metric: str | None = None, report: Path | None = None) -> dict[str, Path]:
     """Writes ROOT/results.csv, ROOT/summary.md and ROOT/summary.png.
+
+    The runs of a study sweep (`launch.study`) get the study's table instead: ROOT/summary.md,
+    ROOT/study.csv and ROOT/study.png.
 
     Args:
       root: the sweep's root directory.
@@ -254,9 +258,10 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
         results have rows.
       metric: the column to plot; None: `test_elbo` where present, else the first numeric
         result column.
+      report: a path prefix: the same files as PREFIX.md, PREFIX.csv and PREFIX.png.
 
     Returns:
-      {"csv": path, "summary": path, "plot": path}.
+      {"summary": path, "csv": path, "plot": path}.
 
     Raises:
       ValueError: naming --root when it has no finished run, or --group_by / --metric
@@ -268,6 +273,12 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
     finished, unfinished = find_runs(root)
     if not finished:
         raise ValueError(f"--root: no run under {str(root)!r} has a results.json yet.")
+    header = _header(root, report, len(finished), unfinished)
+    if study.is_study(finished):  # The burda_* sweeps: their table beside Burda's Table 1.
+        paths, table = study.write(Path(report) if report else root / "study", finished)
+        summary = Path(report).with_suffix(".md") if report else root / "summary.md"
+        summary.write_text(header + table)
+        return {"summary": summary, "csv": paths["study_csv"], "plot": paths["study_plot"]}
     swept = _swept_fields(finished)
     rows = [row for path in finished for row in run_rows(path, swept)]
     columns = _columns(rows)
@@ -285,24 +296,36 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
     groups = group(rows, group_by)
     seeds = sorted({r[SEED] for r in rows if r.get(SEED) is not None and SEED not in group_by},
                    key=_sort_key)
-    paths = {"csv": root / "results.csv", "summary": root / "summary.md",
-             "plot": root / "summary.png"}
+    if report:
+        paths = {k: Path(report).with_suffix(ext) for k, ext in
+                 (("summary", ".md"), ("csv", ".csv"), ("plot", ".png"))}
+    else:
+        paths = {"summary": root / "summary.md", "csv": root / "results.csv",
+                 "plot": root / "summary.png"}
     write_csv(rows, columns, paths["csv"])
-    paths["summary"].write_text(summary_markdown(root, groups, group_by, result_columns, seeds,
-                                                 len(unfinished)))
+    paths["summary"].write_text(header + summary_markdown(
+        groups, group_by, result_columns, seeds))
     plot(groups, group_by, metric, paths["plot"], root)
-    if study.is_study(finished):  # The burda_* sweeps: their table beside Burda's Table 1.
-        study_paths, table = study.write(root, finished)
-        paths["summary"].write_text(paths["summary"].read_text() + "\n" + table)
-        paths.update(study_paths)
     return paths
+
+
+def _header(root: Path, report, num_finished: int, unfinished: Sequence[Path]) -> str:
+    """The title, the command that regenerates the file, and the runs not yet finished."""
+    command = f"python -m launch.collect --root={root}" + (f" --report={report}" if report
+                                                            else "")
+    lines = [f"# {root}", "", f"`{command}` on {datetime.date.today().isoformat()}:"
+             f" {num_finished} finished runs ({len(unfinished)} not finished)."]
+    if unfinished:
+        lines[-1] += (" Not finished, so not in the tables: "
+                      + ", ".join(f"`{p.name}`" for p in unfinished) + ".")
+    return "\n".join(lines) + "\n\n"
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        paths = collect(Path(FLAGS.root), FLAGS.group_by, FLAGS.metric)
+        paths = collect(Path(FLAGS.root), FLAGS.group_by, FLAGS.metric, FLAGS.report)
     except ValueError as e:
         raise SystemExit(f"launch.collect: {e}") from None
     print(paths["summary"].read_text())

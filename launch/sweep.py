@@ -11,8 +11,10 @@
       --tasks_per_node=4 --gpus=4                                    # 8 GPUs, 8 processes a run
   python -m launch.collect --root=runs/smoke
 
---sweep is a name in `launch.sweeps.SWEEPS` (smoke, compare_training, latents,
-estimators_smoke) or FILE.py:NAME, a `launch.sweeps.Sweep` defined in a file. Run
+--sweep is a name in `launch.sweeps.SWEEPS` (each listed with a line under --sweep
+below) or FILE.py:NAME, a `launch.sweeps.Sweep` defined in a file. Config overrides
+given as --config.FIELD=VALUE go to every run and are part of its name (its identity):
+a trial with --config.eval_examples=100 is never taken for the full run. Run
 ROOT/NAME is `python -m experiments.main --config=CONFIG --workdir=ROOT/NAME
 --config.FIELD=VALUE ...` started in the repository root, with its output in
 ROOT/NAME/log.txt and its record in ROOT/NAME/launch.json (command, status, return
@@ -55,7 +57,9 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     """The flags of the command line (defined by it only, so the module imports freely)."""
-    flags.DEFINE_string("sweep", None, "A sweep of launch.sweeps.SWEEPS, or FILE.py:NAME.")
+    flags.DEFINE_string("sweep", None, "A sweep of launch.sweeps.SWEEPS, or FILE.py:NAME: "
+                        + "; ".join(f"{name} ({s.description or s.config})"
+                                    for name, s in sweeps.SWEEPS.items()) + ".")
     flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
     flags.DEFINE_enum("executor", "local", ["local", "slurm"], "Where the runs run.")
     flags.DEFINE_integer("parallel", None, "Runs at once (local: default 1; slurm: array "
@@ -273,7 +277,11 @@ def main(argv):
             sys.exit(1)
     states = _states(runs)
     print(format_states(runs, states))
-    if any(s.status == runs_lib.FAILED for s in states.values()):
+    failed = sum(s.status == runs_lib.FAILED for s in states.values())
+    if failed:
+        if not FLAGS.retry_failed:
+            print(f"{failed} failed run(s) are not started again by a plain rerun: fix the cause"
+                  " (see each log above), then rerun with --retry_failed.", file=sys.stderr)
         sys.exit(1)
 
 

@@ -535,7 +535,7 @@ def test_collect_writes_csv_and_mean_std_over_seeds(tmp_path):
                         "config.hidden,config.data_options.obs_dim")
     assert len(lines) == 7 and '"(200, 200)"' in lines[1]
     summary = paths["summary"].read_text()
-    assert "6 finished runs (1 not finished). Grouped by `kl`" in summary
+    assert "6 finished runs (1 not finished)." in summary and "Grouped by `kl`" in summary
     assert "over the `runs` of its group (seeds 0, 1, 2)" in summary
     assert "The same in every run: active_units = 7, steps = 100." in summary
     assert "| kl | runs | test_elbo |" in summary
@@ -552,7 +552,7 @@ def test_collect_flattens_estimator_rows(flaky_root):
     assert header.startswith("run,seed,row,experiment,")
     assert len(rows) == 2 * 6  # 2 runs x (3 cases x 2 estimators)
     summary = paths["summary"].read_text()
-    assert "2 finished runs (1 not finished). Grouped by `row`" in summary
+    assert "2 finished runs (1 not finished)." in summary and "Grouped by `row`" in summary
     assert "The same in every run: experiment = estimators, dim = 1," in summary
     assert "| row | runs | bias_over_true | bias_over_true_se | bias_z | estimator |" in summary
     bias = [json.loads((root / f"seed={s}" / "results.json").read_text())["rows"][3]

@@ -1,13 +1,15 @@
 """The study end to end: the `burda_quick` sweep (real subprocesses), then `launch.collect`."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from launch import study, sweeps
+from launch import collect, study, sweeps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +25,9 @@ def test_burda_quick_sweep_and_its_table(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = (root / "summary.md").read_text()
-    assert "beside Burda et al.'s Table 1" in summary
+    # Digits with IWAE-20: the table says so, and puts no published figure beside it.
+    assert "on `digits`, scored by the IWAE-20 bound of 300 test images" in summary
+    assert "No published figure stands beside these rows" in summary and "Δ Burda" not in summary
     rows = list(csv.DictReader(open(root / "study.csv")))
     labels = [r["row"] for r in rows]
     assert labels == ["VAE k=1, KL analytic", "VAE k=1, KL k1", "VAE k=1, KL k3",
@@ -33,9 +37,9 @@ def test_burda_quick_sweep_and_its_table(tmp_path):
         assert int(r["n"]) == (3 if r["num_samples"] == "1" else 2)
         ll, std = float(r["test_log_likelihood_mean"]), float(r["test_log_likelihood_std"])
         assert ll < 0 and std >= 0 and f"| {r['row']} | {r['n']} | {ll:.2f} ± {std:.2f}" in summary
-    vae = next(r for r in rows if r["row"] == "VAE k=1, KL analytic")
-    assert float(vae["burda"]) == -86.76
-    assert float(vae["diff_burda"]) == float(vae["test_log_likelihood_mean"]) + 86.76
+        assert r["burda"] == r["diff_burda"] == r["nbip"] == "" and r["eval_k"] == "20"
+    assert "| analytic − k1 (VAE k=1) | 3 |" in summary
+    assert "| DReG − reparam (IWAE k=5) | 2 |" in summary
     assert (root / "study.png").stat().st_size > 0
     # A rerun finds every run done and starts nothing.
     again = subprocess.run([sys.executable, "-m", "launch.sweep", "--sweep=burda_quick",
@@ -52,6 +56,72 @@ def test_study_protocols_and_rows():
     assert burda.get_config("short").num_epochs == 1 + 3 + 9 + 27
     assert burda.get_config("full").num_epochs == 3280
     short = [o for _, o in sweeps.get("burda_short").named_runs()]
-    assert sum(o["num_samples"] == 50 for o in short) == 3
+    assert sum(o["num_samples"] == 50 for o in short) == 0  # Their own sweep: burda_short_k50.
+    assert sorted(o["num_samples"] for o in short) == [1] * 4 + [5] * 4
+    assert {o["num_samples"] for _, o in sweeps.get("burda_short_k50").named_runs()} == {50}
     assert study.row_key({"objective": "iwae", "num_samples": 5, "kl": "analytic",
                           "grad_estimator": "dreg"}) == ("iwae", 5, None, "dreg")
+
+
+def _study_run(root, name, overrides, config, seeds_ll, images, *, dataset="mnist", eval_k=5000):
+    """A finished study run's files, as train_and_evaluate and launch.runs write them."""
+    path = root / name
+    path.mkdir()
+    config = {"num_epochs": 40, "dataset": dataset, "eval_importance_samples": eval_k,
+              "eval_examples": 0, "seed": 0, "grad_estimator": "reparam", "kl": "analytic",
+              **config}
+    (path / "config.json").write_text(json.dumps(config))
+    seeds = [{"seed": s, "test_log_likelihood": ll, "test_elbo": ll - 5, "test_rate": 20.0 + s,
+              "active_units": 20 + s, "test_log_likelihood_se": 0.1, "test_elbo_se": 0.2}
+             for s, ll in enumerate(seeds_ll)]
+    (path / "results.json").write_text(json.dumps({
+        "seeds": seeds, "test_examples": images.shape[-1], "steps": 1000, "train_wall_s": 10.0,
+        "total_wall_s": 25.0, "platform": "cpu"}))
+    (path / "launch.json").write_text(json.dumps({
+        "config": "experiments/configs/burda.py:short", "overrides": overrides, "code": "abc",
+        "host": "h", "start_time": "t0", "end_time": "t1"}))
+    np.savez(path / "per_example.npz", log_likelihood=images.astype(np.float32))
+    return path
+
+
+def test_study_table_pairs_seeds_and_places_published_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    a_img = rng.normal(-90, 5, (3, 10000))
+    b_img = a_img - 0.5 + rng.normal(0, 1, (3, 10000))  # k1 = analytic - 0.5 + noise, paired.
+    a_ll, b_ll = a_img.mean(1), b_img.mean(1)
+    row_a = {"kl": "analytic", "objective": "elbo", "num_samples": 1, "num_seeds": 3}
+    row_b = {**row_a, "kl": "k1"}
+    _study_run(tmp_path, "a", row_a, row_a, a_ll.tolist(), a_img)
+    _study_run(tmp_path, "b", row_b, row_b, b_ll.tolist(), b_img)
+    trial = {**row_a, "eval_examples": 100}
+    _study_run(tmp_path, "trial", trial, trial, [-1.0, -1.0, -1.0], a_img[:, :100])
+    paths = collect.collect(tmp_path, report=tmp_path / "report")
+    assert paths["summary"] == tmp_path / "report.md" and paths["csv"] == tmp_path / "report.csv"
+    summary = paths["summary"].read_text()
+    rows = {r["row"]: r for r in csv.DictReader(open(paths["csv"]))}
+    assert set(rows) == {"VAE k=1, KL analytic", "VAE k=1, KL k1"}  # The trial is left out.
+    assert "Left out of the table, overriding eval_examples" in summary and "`trial`" in summary
+    analytic = rows["VAE k=1, KL analytic"]
+    assert float(analytic["test_log_likelihood_std"]) == pytest.approx(np.std(a_ll, ddof=1))
+    assert float(analytic["burda"]) == -86.76 and float(analytic["nbip"]) == -86.35
+    assert rows["VAE k=1, KL k1"]["burda"] == ""  # Burda's VAE used the analytic KL.
+    assert "converged figures after 3,280 epochs; these rows trained 40" in summary
+    # The pair: per-seed differences, their ddof-1 std, the paired SE over images.
+    d = a_ll - b_ll
+    a32, b32 = a_img.astype(np.float32).astype(np.float64), b_img.astype(np.float32)
+    se = np.sqrt(sum(np.var(a32[s] - b32[s], ddof=1) / 10000 for s in range(3))) / 3
+    (pair,) = study.differences([study.load_run(tmp_path / n) for n in ("a", "b")])
+    assert pair["pair"] == "analytic − k1 (VAE k=1)" and pair["n"] == 3
+    assert pair["mean"] == pytest.approx(d.mean())
+    assert pair["std"] == pytest.approx(np.std(d, ddof=1))
+    assert pair["se"] == pytest.approx(se, rel=1e-6)
+    assert (f"| analytic − k1 (VAE k=1) | 3 | {d.mean():.2f} | {np.std(d, ddof=1):.2f} (2) |"
+            f" {se:.3f} |") in summary
+
+
+def test_study_table_has_no_published_figures_off_their_protocol(tmp_path):
+    row = {"kl": "analytic", "objective": "elbo", "num_samples": 1, "num_seeds": 2}
+    img = np.full((2, 300), -30.0)
+    _study_run(tmp_path, "a", row, row, [-30.0, -30.0], img, dataset="digits", eval_k=20)
+    summary = collect.collect(tmp_path)["summary"].read_text()
+    assert "No published figure" in summary and "Δ Burda" not in summary

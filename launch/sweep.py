@@ -40,6 +40,7 @@ per GPU; see launch/README.md.
 """
 
 import dataclasses
+import functools
 import os
 import shlex
 import subprocess
@@ -154,17 +155,17 @@ def with_overrides(sweep: sweeps.Sweep, overrides: dict) -> sweeps.Sweep:
         fixed={k: v for k, v in sweep.fixed.items() if k not in overrides})
 
 
-def commit(run: runs_lib.Run, status: str) -> None:
-    """`git add` and `git commit` of the run's directory when it ended done; a failing git is
-    reported, never fatal (the run's files stay where they are)."""
+def commit(run: runs_lib.Run, status: str, *, sweep: str,
+           repo: Path = runs_lib.REPO_ROOT) -> None:
+    """`git add` and `git commit` of the run's directory in `repo` when it ended done (only
+    that directory: whatever else is staged stays staged). A failing git is reported, never
+    fatal: the run's files stay where they are."""
     if status != runs_lib.DONE:
         return
-    where = os.path.relpath(run.workdir, runs_lib.REPO_ROOT)
+    where = os.path.relpath(run.workdir, repo)
     for cmd in (["git", "add", "--", where],
-                ["git", "commit", "-q", "-m", f"{FLAGS.sweep}: run {run.name} done", "--",
-                 where]):
-        out = subprocess.run(cmd, cwd=runs_lib.REPO_ROOT, capture_output=True, text=True,
-                             check=False)
+                ["git", "commit", "-q", "-m", f"{sweep}: run {run.name} done", "--", where]):
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(f"--commit: `{shlex.join(cmd)}` failed: {(out.stderr or out.stdout).strip()}",
                   file=sys.stderr, flush=True)
@@ -262,7 +263,8 @@ def main(argv):
     if launch and FLAGS.executor == "local":
         try:
             executors.run_local(launch, FLAGS.parallel or 1, processes=FLAGS.processes or 1,
-                                on_end=commit if FLAGS.commit else None)
+                                on_end=functools.partial(commit, sweep=FLAGS.sweep)
+                                if FLAGS.commit else None)
         except KeyboardInterrupt:
             print("interrupted: the running runs were stopped; the same command resumes them.",
                   file=sys.stderr)

@@ -251,10 +251,76 @@ def test_rerun_skips_done_and_failed_runs(flaky_root):
     result = launch(f"--sweep={sweep_file}:flaky", f"--root={root}", "--parallel=2")
     assert result.returncode == 1
     assert "starting 0 of 3 runs" in result.stdout
+    assert "1 failed run(s) are not started again by a plain rerun" in result.stderr
+    assert "rerun with --retry_failed" in result.stderr
     assert {n: record(root, n) for n in before} == before
     dry = launch(f"--sweep={sweep_file}:flaky", f"--root={root}", "--dry_run", "--retry_failed")
     assert dry.returncode == 0 and "would start 1:" in dry.stdout
     assert "--config.num_draws=1" in dry.stdout
+
+
+def test_config_overrides_are_part_of_each_runs_name(tmp_path):
+    _, sweep_file = write_sweep_files(tmp_path)
+    root = tmp_path / "root"
+    dry = launch(f"--sweep={sweep_file}:one", f"--root={root}", "--config.num_draws=3",
+                 "--dry_run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"--workdir={root / 'num_draws=3,seed=0'}" in dry.stdout
+    assert "--config.num_draws=3" in dry.stdout
+    swept = launch(f"--sweep={sweep_file}:one", f"--root={root}", "--config.seed=5")
+    assert swept.returncode == 2
+    assert "--config.seed: the sweep varies 'seed' itself" in swept.stderr
+    bare = launch(f"--sweep={sweep_file}:one", f"--root={root}", "--config.seed")
+    assert bare.returncode == 2 and "expected --config.FIELD=VALUE" in bare.stderr
+
+
+def test_data_dir_reaches_every_run(tmp_path):
+    data_dir = tmp_path / "empty_tfds"
+    data_dir.mkdir()
+    sweep_file = tmp_path / "mnist_sweep.py"
+    sweep_file.write_text(
+        "from launch.sweeps import Sweep\n"
+        "mnist = Sweep(config='experiments/configs/train.py:quick', runs=[{'seed': 0}],\n"
+        "              fixed={'dataset': 'mnist'})\n")
+    root = tmp_path / "root"
+    result = launch(f"--sweep={sweep_file}:mnist", f"--root={root}", f"--data_dir={data_dir}")
+    assert result.returncode == 1  # mnist is not prepared there: the run says where it looked.
+    log = (root / "seed=0" / "log.txt").read_text()
+    assert f"is not prepared in data_dir (config.data_dir) {str(data_dir)!r}" in log
+    missing = launch(f"--sweep={sweep_file}:mnist", f"--root={root}",
+                     f"--data_dir={tmp_path / 'nope'}")
+    assert missing.returncode == 2 and "--data_dir:" in missing.stderr
+
+
+def test_commit_commits_a_done_runs_small_files_only(tmp_path):
+    from launch import sweep as sweep_cli
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True,  # noqa: E731
+                                    check=True).stdout
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (repo / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    (repo / "other.txt").write_text("staged, not part of the run")
+    git("add", ".gitignore", "other.txt")
+    run_dir = repo / "results" / "study" / "runs" / "kl=k1"
+    (run_dir / "checkpoints" / "120").mkdir(parents=True)
+    (run_dir / "checkpoints" / "120" / "state").write_text("big")
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "events").write_text("events")
+    for name in ("results.json", "config.json", "launch.json", "metrics.jsonl"):
+        (run_dir / name).write_text("{}")
+    run = runs.Run(name="kl=k1", workdir=str(run_dir), config="c.py", overrides={}, fixed={})
+    sweep_cli.commit(run, runs.FAILED, sweep="study", repo=repo)  # Only a done run.
+    assert "kl=k1" not in git("log", "--all", "--name-only", "--format=")
+    sweep_cli.commit(run, runs.DONE, sweep="study", repo=repo)
+    assert git("log", "-1", "--format=%s") == "study: run kl=k1 done\n"
+    files = git("show", "--name-only", "--format=", "HEAD").split()
+    assert sorted(files) == [f"results/study/runs/kl=k1/{name}" for name in (
+        "config.json", "launch.json", "metrics.jsonl", "results.json")]
+    assert "A  other.txt" in git("status", "--short")  # Left staged, not committed.
 
 
 def test_failed_run_is_retried_only_with_retry_failed(tmp_path):

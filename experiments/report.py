@@ -88,3 +88,35 @@ def publish(workdir: Path, results: dict, markdown: str, *tables: str) -> None:
     (workdir / "results.md").write_text(markdown)
     print("\n".join(tables) if tables else markdown)
 
+
+
+def code_version() -> str | None:
+    """The repository's commit, `git describe --always --dirty`; None outside a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance() -> str:
+    """One line for the top of a results file: the command, the commit, the machine, the date."""
+    import datetime
+    import os
+    import platform
+    import shlex
+    import sys
+
+    import jax
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("experiments", "main.py")):
+        argv = ["python", "-m", "experiments.main", *argv[1:]]
+    devices = jax.devices()
+    return (f"Command: `{shlex.join(argv)}`; code {code_version()}; machine {platform.node()}"
+            f" ({os.cpu_count()} CPU cores, {len(devices)} {devices[0].platform} device(s));"
+            f" {datetime.date.today().isoformat()}.")

@@ -113,6 +113,12 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def _code_version() -> str | None:
+    from experiments.report import code_version  # Imported on use: it brings JAX (see below).
+
+    return code_version()
+
+
 def _write_json(path: Path, obj) -> None:
     # launch.json is a file of the run's workdir like results.json: both are written by
     # vaekl's one atomic JSON writer. Imported on the first write, not above: `import vaekl`
@@ -161,16 +167,6 @@ def _base_record(run: Run, status: str, **fields) -> dict:
                 attempts=previous.get("attempts", 0), **fields)
 
 
-def code_version() -> str | None:
-    """The repository's commit (`git describe --always --dirty`), None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
 def start(run: Run, *, executor: str = "local", cluster: str | None = None,
           job_id: str | None = None, env: dict | None = None,
           processes: int = 1) -> subprocess.Popen | processes_lib.ProcessGroup:
@@ -191,7 +187,7 @@ def start(run: Run, *, executor: str = "local", cluster: str | None = None,
     run.path.mkdir(parents=True, exist_ok=True)
     record = _base_record(run, RUNNING, start_time=now(), end_time=None, returncode=None,
                           error=None, host=HOST, executor=executor, cluster=cluster,
-                          job_id=job_id, code=code_version())
+                          job_id=job_id, code=_code_version())
     record["attempts"] += 1
     header = (f"=== attempt {record['attempts']}, {record['start_time']} on {HOST}:"
               f" {shlex.join(run.command)}\n")

@@ -94,10 +94,13 @@ def code_version() -> str | None:
     """The repository's commit, `git describe --always --dirty`; None outside a checkout."""
     import subprocess
 
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"],
-                             cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=30, check=False)
+        # A file rewritten with the same content reads as changed until the index is refreshed.
+        subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=here,
+                       capture_output=True, timeout=30, check=False)
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
+                             capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None

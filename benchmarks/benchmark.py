@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from benchmarks import burda
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_bool("quick", False, "Tiny sizes: a correctness check, not a measurement.")
@@ -35,10 +37,11 @@ flags.DEFINE_integer("repeats", 5, "Repeats of each timing.")
 flags.DEFINE_string("data_dir", None, "tfds data_dir with binarized_mnist prepared (for"
                     " the 'elbo' section, which is skipped without it).")
 flags.DEFINE_integer("iwae_images", 1000, "Test images for the IWAE-5000 measurement.")
-SECTIONS = ("import", "step", "torch", "vmap8", "iwae", "elbo")
+SECTIONS = ("import", "step", "torch", "vmap8", "iwae", "elbo", "burda")
 flags.DEFINE_list("sections", list(SECTIONS), f"Which measurements to run, of {SECTIONS}"
                   " ('step' also gives compile_s and the matmul chain; 'torch' (it needs"
-                  " PyTorch), 'vmap8' and 'iwae' run it too).")
+                  " PyTorch), 'vmap8' and 'iwae' run it too; 'burda' is the study's net,"
+                  " benchmarks/burda.py).")
 flags.mark_flag_as_required("out")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +97,7 @@ def _train_config(**overrides):
 
 
 def _fake_binary_data(n, seed=0):
-    return (np.random.default_rng(seed).random((n, DIM), dtype=np.float32) < 0.13).astype(
-        np.float32)
+    return burda.fake_binary_data(n, DIM, seed)
 
 
 def vaekl_epoch(steps, num_seeds=1, vmap_seeds=None):
@@ -252,12 +254,8 @@ def bench_iwae(images, samples, repeats):
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory since it started its program.
-
-    Linux's getrusage ru_maxrss carries over execve the peak of the process that
-    forked it (a benchmark holding 2 GB made its fresh child report 2 GB), so
-    /proc's VmHWM, which belongs to the current program, is read where it exists.
-    """
+    """This process's peak resident memory since it started its program: /proc's VmHWM
+    where it exists (getrusage's ru_maxrss carries the forking process's peak over execve)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -308,12 +306,12 @@ def main(argv):
                              f" {sorted(sections - set(SECTIONS))}")
     if sections & {"torch", "vmap8", "iwae"}:
         sections.add("step")
-    if "torch" in sections:
+    if sections & {"torch", "burda"}:
         try:
             import torch
         except ImportError as e:
-            raise app.UsageError("--sections: 'torch' needs PyTorch (pip install -e .[bench]);"
-                                 " leave it out to skip the PyTorch peer.") from e
+            raise app.UsageError("--sections: 'torch' and 'burda' need PyTorch (pip install -e"
+                                 " .[bench]); leave them out to skip the PyTorch peer.") from e
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     quick, repeats = FLAGS.quick, 2 if FLAGS.quick else FLAGS.repeats
@@ -366,6 +364,9 @@ def main(argv):
         res["iwae"] = _iwae_in_subprocess(images, samples, repeats)
         res["iwae5000_peak_rss_gb"] = res["iwae"]["peak_rss_gb"]
         res["iwae5000_vs_matmul"] = res["iwae"]["gflop_per_s"] / res["matmul_gflop_per_s"]
+    if "burda" in sections:
+        res["torch"] = torch.__version__
+        res["burda"] = burda.measure(_timeit, _stats, 20 if quick else 1000, repeats, True)
     if "elbo" in sections and FLAGS.data_dir and not quick:
         res.update(bench_time_to_elbo(FLAGS.data_dir, out))
     (out / "benchmark.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -392,7 +393,7 @@ def _markdown(res):
         if k in res:
             cells = " / ".join(f"{1e3 * res[k][q]:.2f}" for q in ("min", "median", "max"))
             lines.append(f"| {k} min/median/max (ms) | {cells} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + (burda.markdown(res["burda"]) if "burda" in res else [])) + "\n"
 
 
 if __name__ == "__main__":

@@ -45,3 +45,20 @@ def test_a_fresh_process_reports_its_own_peak_memory_not_its_parents():
                           " print(peak_rss_gb())"], cwd=REPO, check=True, capture_output=True,
                          text=True, timeout=120)
     assert hog.sum() > 0 and float(out.stdout) < 0.5
+
+
+@pytest.mark.slow  # About 3 minutes (torch.compile of three steps): in CI's slow pass.
+def test_benchmark_burda_section_quick(tmp_path):
+    pytest.importorskip("torch")
+    out = _benchmark(f"--out={tmp_path}", "--quick", "--sections=burda", timeout=1200)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "benchmark.json").read_text())["burda"]
+    assert set(res) == {"k1", "k5", "k50"}
+    for case in res.values():
+        for key in ("vs_torch", "vs_torch_compile", "vs_limit", "vs_matmul_chain"):
+            assert case[key] > 0, key
+        # The limit does what the matmul chain does and an Adam update besides.
+        assert case["limit_step_s"]["median"] > 0 and case["matmul_chain_step_s"]["median"] > 0
+    assert res["k1"]["seeds3_seed_steps_per_s"] > 0
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| k50 |" in table and "vs matmul+Adam limit" in table

@@ -366,7 +366,7 @@ def main(argv):
         res["iwae5000_vs_matmul"] = res["iwae"]["gflop_per_s"] / res["matmul_gflop_per_s"]
     if "burda" in sections:
         res["torch"] = torch.__version__
-        res["burda"] = burda.measure(_timeit, _stats, 20 if quick else 1000, repeats, True)
+        res["burda"] = burda.measure(_timeit, _stats, 20 if quick else 200, repeats, True)
     if "elbo" in sections and FLAGS.data_dir and not quick:
         res.update(bench_time_to_elbo(FLAGS.data_dir, out))
     (out / "benchmark.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -242,6 +242,22 @@ def test_a_different_config_does_not_overwrite_a_run(tmp_path):
     assert (tmp_path / "results.json").read_text() == before
 
 
+def test_config_json_always_describes_the_results(tmp_path):
+    train.train_and_evaluate(make_config(num_epochs=2), str(tmp_path))
+    results = (tmp_path / "results.json").read_text()
+    steps = json.loads(results)["steps"]
+    # Fewer epochs than trained: refused, naming the field; nothing rewritten.
+    with pytest.raises(ValueError, match="config.num_epochs: .* trained for 2 epochs"):
+        train.train_and_evaluate(make_config(num_epochs=1), str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 2
+    assert (tmp_path / "results.json").read_text() == results
+    # More epochs: it trains on, and config.json and results.json say 3.
+    again = train.train_and_evaluate(make_config(num_epochs=3), str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 3
+    assert again["steps"] == steps // 2 * 3
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == again["steps"]
+
+
 def test_a_run_from_before_a_new_config_field_resumes_with_its_default(tmp_path):
     config = vaekl_config.complete(make_config(num_epochs=1))
     workdir_lib.prepare(str(tmp_path), config)

@@ -136,9 +136,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.batch_size > len(train_data):
         raise ValueError(f"config.batch_size: {config.batch_size} is larger than the"
                          f" {len(train_data)} training examples of {config.dataset!r}.")
-    # config.json is written only now: a config its data refuse leaves no run behind that
-    # would block the corrected config from this workdir.
-    work = workdir_lib.prepare(workdir, config, write=primary)
+    # Checked now, written once the checkpoint is known to fit the config: a config its data
+    # refuse, or one with fewer epochs than the workdir's run has trained, leaves config.json
+    # as it was (the one that describes the run's results).
+    work = workdir_lib.prepare(workdir, config, write=False)
     model = create_model(config, train_data)
     steps_per_epoch = len(train_data) // config.batch_size
     total_steps = config.num_epochs * steps_per_epoch
@@ -153,6 +154,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
     step, state = ckpt.restore_latest(state)  # Sharded like the template: replicated.
+    if step is not None and step > total_steps:
+        ckpt.close()
+        raise ValueError(
+            f"config.num_epochs: {workdir!r} holds a run trained for {step // steps_per_epoch}"
+            f" epochs (its checkpoint is at step {step}), more than the {config.num_epochs}"
+            " asked; a run cannot be resumed backwards: ask for at least as many epochs, or"
+            " choose a new --workdir.")
+    if primary:
+        workdir_lib.write_config(work, config)
     if step is not None:
         logging.info("Resumed from the checkpoint at step %d.", step)
     step = step or 0

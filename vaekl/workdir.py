@@ -103,8 +103,13 @@ def prepare(workdir: str, config, *, write: bool = True) -> Path:
                 f"--workdir: {workdir!r} holds a run with a different config ({diffs}); resume"
                 " it with the same config or choose a new --workdir.")
     if write:
-        write_json(config_path, new)
+        write_config(path, config)
     return path
+
+
+def write_config(path: Path, config) -> None:
+    """config.json: the config that the run's results (to come) are of."""
+    write_json(path / "config.json", json.loads(config.to_json_best_effort()))
 
 
 def read_train_wall(path: Path) -> float:

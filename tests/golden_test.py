@@ -129,7 +129,7 @@ def test_evaluation_iwae(case):
 
 # results.json of `experiments.main --config=experiments/configs/train.py:quick
 # --config.num_epochs=1` (plus the overrides) at commit d4536fb, before the refactor
-# (/work/scratch/golden_run*/results.json). float32 training: relative 1e-4.
+# (/work/scratch/golden_run*/results.json). float32 training: relative 1e-5 (measured: 2e-7).
 RUNS = {
     "diag-analytic": ({}, dict(test_elbo=-32.54768753051758,
                                test_log_likelihood=-30.824413299560547,
@@ -152,4 +152,4 @@ def test_one_epoch_training_gives_the_same_results(tmp_path, run):
     results = train.train_and_evaluate(config, str(tmp_path))
     assert results["steps"] == 23
     for name, value in want.items():
-        assert results[name] == pytest.approx(value, rel=1e-4), name
+        assert results[name] == pytest.approx(value, rel=1e-5), name

@@ -100,7 +100,7 @@ class DiagNormal(NamedTuple):
 
     def sample_and_log_prob(self, *, seed: jax.Array,
                             sample_shape: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
-        """z = mean + e^(log_var/2) eps [*sample_shape, ..., dim] and log q(z) [*sample_shape, ...]."""
+        """z = mean + e^(log_var/2) eps [*sample_shape, ..., dim], log q(z) [*sample_shape, ...]."""
         shape, dtype = self._shape(), jnp.result_type(self.mean, self.log_var)
         log_var = jnp.broadcast_to(jnp.asarray(self.log_var, dtype), shape)
         eps = jax.random.normal(seed, tuple(sample_shape) + shape, dtype)

@@ -265,3 +265,28 @@ def test_float64_matches_reference_to_rounding():
     out = subprocess.run([sys.executable, "-c", _X64], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_renyi_below_zero_is_refused_since_it_exceeds_the_evidence():
+    """Audit (issue 22): for alpha < 0 the Renyi objective is no lower bound: with K = 500 it
+    exceeds log p(x) (1-d linear Gaussian: p(z) = N(0, 1), p(x|z) = N(z, 1), x = 1, q wider
+    than the posterior), where IWAE (alpha = 0) stays below; `objective` refuses it."""
+    x = 1.0
+    log_px = -0.5 * (x * x / 2 + math.log(2 * math.pi * 2))
+    q = DiagNormal(jnp.asarray([0.3]), jnp.asarray([math.log(1.5)]))
+    log_lik = lambda z: -0.5 * jnp.sum(jnp.square(x - z) + LOG_2PI, axis=-1)  # noqa: E731
+    u = jax.jit(jax.vmap(lambda key: bounds.log_weights(key, q, log_lik, num_samples=500).u))(
+        jax.random.split(jax.random.key(4), 200))  # [keys, K]
+
+    def renyi(alpha):
+        s = 1.0 - alpha
+        v = (jax.nn.logsumexp(s * u, axis=1) - math.log(500)) / s
+        return float(jnp.mean(v)), float(jnp.std(v) / math.sqrt(len(v)))
+
+    above, se = renyi(-1.0)
+    assert above > log_px + 5 * se + 0.05, (above, log_px)
+    iwae, se = renyi(0.0)
+    assert iwae < log_px + 5 * se
+    ll = lambda z: jnp.zeros(z.shape[:-1])  # noqa: E731
+    with pytest.raises(ValueError, match="`alpha` must be finite and >= 0"):
+        bounds.objective(jax.random.key(0), q, ll, objective="renyi", num_samples=2, alpha=-1.0)

@@ -262,7 +262,7 @@ def test_elbo_refuses_a_q_that_is_not_a_distribution():
 
 def test_iwae_of_the_exact_posterior_is_the_evidence():
     """p(z) = N(0, 1), p(x|z) = N(x; z, 1) in 2-d, q = the exact posterior N(x/2, 1/2) as a
-    FullGaussian and as an identity-like IAF: every importance weight equals p(x)."""
+    FullNormal and as an identity-like IAF: every importance weight equals p(x)."""
     x = jnp.asarray([[0.4, -1.0]])
     log_lik = lambda z: -0.5 * jnp.sum(jnp.square(x - z) + math.log(2 * math.pi), -1)  # noqa
     evidence = tfd.MultivariateNormalDiag(jnp.zeros(2), jnp.full(2, math.sqrt(2.0))).log_prob(x)

@@ -12,7 +12,7 @@ each key measures.
 
 The model is the Flax example's: 784-500-20 ReLU MLP encoder and decoder,
 Bernoulli likelihood, analytic KL, batch 128, Adam 1e-3. Of vaekl it calls only
-`train.create_optimizer`, `vaekl.steps.training_fns`, `models.VAE` and `elbo.iwae`
+`train.create_optimizer`, `vaekl.steps.training_fns`, `models.VAE` and `bounds.iwae`
 (with the `flax` preset of experiments/configs/train.py, and `experiments.main`
 as a command), so that one script times trees before and after a change.
 """
@@ -217,7 +217,7 @@ def bench_iwae(images, samples, repeats):
     """IWAE-`samples` over `images` test-like images: seconds, and the model FLOPs done.
 
     As an evaluation runs it: a Python loop over batches of the train config's
-    `eval_batch_size` images, one jitted `elbo.iwae` (`eval_chunk_size` draws at
+    `eval_batch_size` images, one jitted `bounds.iwae` (`eval_chunk_size` draws at
     a time) per batch, each batch fetched before the next is dispatched.
     """
     import functools
@@ -225,7 +225,7 @@ def bench_iwae(images, samples, repeats):
     import jax
     import jax.numpy as jnp
 
-    from vaekl import elbo, models
+    from vaekl import bounds, models
 
     config = _train_config()
     model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
@@ -237,10 +237,10 @@ def bench_iwae(images, samples, repeats):
 
     @jax.jit
     def one_batch(params, x, key):
-        mean, log_var = model.apply(params, x, method=models.VAE.encode)
+        q = model.apply(params, x, method=models.VAE.encode_posterior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        return elbo.iwae(key, mean, log_var, log_lik, num_samples=samples,
-                         chunk_size=config.eval_chunk_size)
+        return bounds.iwae(key, q, log_lik, num_samples=samples,
+                           chunk_size=config.eval_chunk_size)
 
     def run():
         for i in range(num_batches):

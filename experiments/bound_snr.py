@@ -37,7 +37,7 @@ from absl import logging
 from experiments import gradient_variance, report
 from experiments.moments import Moments
 from vaekl import bounds
-from vaekl.priors import DiagNormal
+from vaekl.distributions import DiagNormal
 
 COLUMNS = ("model", "checkpoint", "estimator", "num_importance", "network", "snr_median",
            "snr_vector", "num_draws", "snr_floor", "below_floor")
@@ -46,10 +46,9 @@ ROUNDING = 1e-10  # Paired gradient differences with a std below this are roundi
 
 
 def _iwae_loss(q_fn, log_lik_fn, prior_fn, k, estimator):
-    """loss(params, key) -> minus the batch-mean IWAE-k surrogate."""
+    """loss(params, key) -> minus the batch-mean IWAE-k surrogate; q_fn(params) -> q."""
     def loss(params, key):
-        mean, log_var = q_fn(params)
-        out = bounds.objective(key, mean, log_var, log_lik_fn(params), prior_fn(params),
+        out = bounds.objective(key, q_fn(params), log_lik_fn(params), prior_fn(params),
                                objective="iwae", num_samples=k, grad_estimator=estimator)
         return -jnp.mean(out.bound)
     return loss
@@ -119,7 +118,7 @@ def _toy_loss_for(x, d):
 
     def q_fn(p):
         mean = x @ p["encoder"]["A"].T + p["encoder"]["b"]
-        return mean, jnp.full_like(mean, log_var)
+        return DiagNormal(mean, jnp.full_like(mean, log_var))
 
     def log_lik_fn(p):
         return lambda z: -0.5 * jnp.sum(jnp.square(x - z) + math.log(2 * math.pi), axis=-1)
@@ -194,7 +193,7 @@ def vae_rows(config, key) -> list:
 
     def loss_for(k, estimator):
         return _iwae_loss(
-            lambda p: model.apply(p, x, method=models.VAE.encode),
+            lambda p: model.apply(p, x, method=models.VAE.encode_posterior),
             lambda p: lambda z: model.apply(p, x, z, method=models.VAE.log_likelihood),
             lambda p: model.apply(p, method=models.VAE.get_prior), k, estimator)
 

@@ -211,9 +211,9 @@ def orthogonal_model(config) -> linear_gaussian.LinearGaussian:
 
 def _lg_loss(estimator, num_samples, x):
     def loss(params, key):
-        mean, log_var, _ = linear_encoders.apply(params["encoder"], x, "mean_field")
+        q = linear_encoders.apply(params["encoder"], x, "mean_field")
         log_lik = linear_encoders.decoder_log_likelihood(x, **params["decoder"])
-        bound = elbo_lib.elbo(key, mean, log_var, log_lik, kl=estimator, num_samples=num_samples)
+        bound = elbo_lib.elbo(key, q, log_lik, kl=estimator, num_samples=num_samples)
         return -jnp.mean(bound.elbo)
 
     return loss

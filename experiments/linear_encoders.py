@@ -3,9 +3,9 @@
 The experiments on that model (`gradient_variance`, `posterior_gap`) share one amortised
 family, its parameters a dict of arrays: mean = x A + a (`mean_kernel` [d, k],
 `mean_bias` [k]), and either a diagonal q with log_var = x C + c (`mean_field`:
-`log_var_kernel`, `log_var_bias`) or one full Cholesky factor shared by every x
-(`full`: strictly lower `tril` [k, k] and `log_diag` [k]). The decoder is linear
-Gaussian too: log N(x; z W^T + b, s^2 I).
+`log_var_kernel`, `log_var_bias`; a `DiagNormal`) or one full Cholesky factor shared by
+every x (`full`: strictly lower `tril` [k, k] and `log_diag` [k]; a `FullNormal`). The
+decoder is linear Gaussian too: log N(x; z W^T + b, s^2 I).
 """
 
 import functools
@@ -15,20 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vaekl import kl, priors
 from vaekl import elbo as elbo_lib
+from vaekl.distributions import DiagNormal, FullNormal, gaussian_log_prob
 
 
 def apply(params, x, family):
-    """q(z|x) of x [N, d]: (mean [N, k], log_var [N, k] or None, scale_tril [N, k, k] or None),
-    log_var for `mean_field`, scale_tril for `full`."""
+    """q(z|x) of x [N, d] with batch shape [N]: a `DiagNormal` for `mean_field`, a
+    `FullNormal` (scale_tril [N, k, k]) for `full`."""
     mean = x @ params["mean_kernel"] + params["mean_bias"]
     if family == "mean_field":
-        log_var = x @ params["log_var_kernel"] + params["log_var_bias"]
-        return mean, log_var, None
+        return DiagNormal(mean, x @ params["log_var_kernel"] + params["log_var_bias"])
     k = mean.shape[-1]
     tril = jnp.tril(params["tril"], -1) + jnp.diag(jnp.exp(params["log_diag"]))
-    return mean, None, jnp.broadcast_to(tril, mean.shape[:-1] + (k, k))
+    return FullNormal(mean, jnp.broadcast_to(tril, mean.shape[:-1] + (k, k)))
 
 
 def init(d, k, family, dtype):
@@ -56,7 +55,7 @@ def exact(model) -> dict:
 
 def decoder_log_likelihood(x, kernel, bias, log_scale):
     """z [S, N, k] -> log N(x; z kernel + bias, e^(2 log_scale) I) [S, N], x [N, d]."""
-    return lambda z: priors.gaussian_log_prob(x, z @ kernel + bias, log_scale)
+    return lambda z: gaussian_log_prob(x, z @ kernel + bias, log_scale)
 
 
 def true_log_likelihood(model, x):
@@ -67,15 +66,10 @@ def true_log_likelihood(model, x):
 
 def _neg_elbo(params, x, key, model, family, num_samples):
     """-mean ELBO by Monte Carlo: reconstruction sampled, KL(q || p(z)) analytic."""
-    mean, log_var, tril = apply(params, x, family)
     log_lik = true_log_likelihood(model, x)  # The decoder is the true model, fixed.
-    if family == "mean_field":
-        bound = elbo_lib.elbo(key, mean, log_var, log_lik, kl="analytic",
-                              num_samples=num_samples)
-        return -jnp.mean(bound.elbo)
-    eps = jax.random.normal(key, (num_samples,) + mean.shape, x.dtype)
-    z = mean + jnp.einsum("nij,snj->sni", tril, eps)
-    return -jnp.mean(jnp.mean(log_lik(z), 0) - kl.analytic_full(mean, tril))
+    bound = elbo_lib.elbo(key, apply(params, x, family), log_lik, kl="analytic",
+                          num_samples=num_samples)
+    return -jnp.mean(bound.elbo)
 
 
 def train(model, x_train, key, family, *, steps, learning_rate, batch_size, num_samples):

@@ -4,7 +4,7 @@ For each (posterior family, prior) pair of `config.pairs` (`vaekl.posteriors`:
 diag, full, iaf; priors standard, vamp, ...):
 
 (b) training: `config.train` trained with each KL term of `config.kls` that the
-    pair allows (`vaekl.posteriors.kl_terms`), `train.num_seeds` seeds in one
+    pair allows (`vaekl.kl.terms`), `train.num_seeds` seeds in one
     program, by `vaekl.train.train_and_evaluate(cfg, workdir/runs/<posterior>_<prior>_<kl>)`
     (a finished run with the same config is read, not retrained). Rows: test ELBO
     (analytic KL where the pair has one, k1 otherwise), the IWAE test
@@ -40,8 +40,9 @@ from absl import logging
 
 from experiments import compare_training, gradient_variance, report
 from experiments.moments import Moments
-from vaekl import checkpoint, elbo, models, posteriors
-from vaekl.priors import MixtureOfGaussians
+from vaekl import bounds, checkpoint, elbo, kl, models
+from vaekl import config as config_lib
+from vaekl.distributions import DiagNormal, MixtureOfGaussians
 from vaekl.progress import Progress
 
 ESTIMATOR_COLUMNS = ("posterior", "prior", "kl", "kl_reference", "reference_se", "bias",
@@ -59,7 +60,7 @@ def run_name(posterior: str, prior: str, kl: str) -> str:
 
 def pair_terms(posterior: str, prior: str, kls) -> tuple[str, ...]:
     """The terms of `kls` that apply to the pair, in `kls`' order."""
-    allowed = posteriors.kl_terms(posterior, prior in models.GAUSSIAN_PRIORS)
+    allowed = kl.terms(*config_lib.pair_types(posterior, prior))
     return tuple(k for k in kls if k in allowed)
 
 
@@ -154,7 +155,7 @@ def _pair_fns(model, cfg, x, terms):
         @jax.jit
         def draws(params, keys):
             q, prior = q_and_prior(params)
-            return jax.vmap(lambda key: {t: elbo.posterior_elbo(
+            return jax.vmap(lambda key: {t: elbo.elbo(
                 key, q, _zero_log_likelihood, prior, kl=t).rate for t in names})(keys)
 
         return draws
@@ -162,9 +163,9 @@ def _pair_fns(model, cfg, x, terms):
     @jax.jit
     def closed_forms(params):
         q, prior = q_and_prior(params)
-        out = {"analytic": posteriors.analytic_kl(q, prior)} if "analytic" in terms else {}
-        if isinstance(prior, MixtureOfGaussians) and not isinstance(q, posteriors.IAF):
-            out["variational"] = posteriors.variational_kl(q, prior)
+        out = {"analytic": kl.divergence(q, prior)} if "analytic" in terms else {}
+        if isinstance(prior, MixtureOfGaussians) and "analytic" in kl.terms(type(q), DiagNormal):
+            out["variational"] = kl.variational_kl(q, prior)
         return out
 
     losses = {}
@@ -207,10 +208,10 @@ def estimator_rows(config, workdir: Path, key) -> list:
         logging.info("no_closed_form: KL terms, pair %d/%d, %s", pi + 1, len(config.pairs), pair)
         model, cfg, params, x = _trained(config, workdir, posterior, prior)
         keys = [jax.random.fold_in(jax.random.fold_in(key, pi), i) for i in range(3)]
-        terms = posteriors.kl_terms(posterior, prior in models.GAUSSIAN_PRIORS)
+        terms = kl.terms(*config_lib.pair_types(posterior, prior))
         draws_of, closed_forms, grads = _pair_fns(model, cfg, x, terms)
-        # Draws per call: about `elbo.CHUNK_ELEMENTS` latent values.
-        cap = max(1, elbo.CHUNK_ELEMENTS // x.shape[0] // cfg.latents)
+        # Draws per call: about `bounds.CHUNK_ELEMENTS` latent values.
+        cap = max(1, bounds.CHUNK_ELEMENTS // x.shape[0] // cfg.latents)
         sampled = tuple(t for t in terms if t != "analytic")
         moments = _moments(draws_of(sampled), params, keys[0], config.num_draws,
                            min(config.num_draws, cap), f"{pair} KL draws")

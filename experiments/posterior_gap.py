@@ -6,7 +6,8 @@ q(z|x) = N(m, S), S = L L^T:
 
   log p(x)                 `linear_gaussian.log_marginal` (x ~ N(b, W W^T + s^2 I))
   E_q log p(x|z)           -1/2 [|x - W m - b|^2 + tr(W S W^T)] / s^2 - d/2 log(2 pi s^2)
-  KL(q || p(z))            `vaekl.kl.analytic` (diagonal q) or `vaekl.kl.analytic_full`
+  KL(q || p(z))            `vaekl.kl.divergence` (`analytic` for a diagonal q, else
+                           `analytic_full`)
   ELBO                     E_q log p(x|z) - KL(q || p(z))
   KL(q || p(z|x))          `vaekl.kl.analytic_full` against the exact posterior's Cholesky factor
 
@@ -30,6 +31,7 @@ from experiments import linear_encoders, report
 from experiments.moments import Moments
 from vaekl import elbo as elbo_lib
 from vaekl import kl, linear_gaussian
+from vaekl.distributions import STANDARD_NORMAL, DiagNormal, FullNormal, diag_matrix
 
 COLUMNS = ("variant", "param", "mean_log_px", "mean_elbo", "mean_gap", "mean_kl_q_posterior",
            "mean_kl_q_prior", "max_abs_identity_error", "max_abs_identity_error_float32")
@@ -79,18 +81,22 @@ def expected_log_likelihood(model, x, q_mean, q_scale_tril):
             - 0.5 * d * jnp.log(2 * jnp.pi * var))
 
 
+def scale_tril(q) -> jax.Array:
+    """q's Cholesky factor, [N, k, k] (diagonal for a `DiagNormal`)."""
+    if isinstance(q, DiagNormal):
+        return diag_matrix(jnp.exp(0.5 * q.log_var))
+    return jnp.broadcast_to(q.scale_tril, q.mean.shape + q.mean.shape[-1:])
+
+
 @jax.jit
-def terms(model, x, q_mean, q_scale_tril, q_log_var=None):
+def terms(model, x, q):
     """Per-example log p(x), ELBO, KL(q || p(z)), KL(q || p(z|x)), all closed form.
 
     Args:
       model: a `LinearGaussian` (its arrays cast to x's dtype).
       x: [N, d].
-      q_mean: [N, k].
-      q_scale_tril: [k, k] or [N, k, k], the Cholesky factor of q's covariance.
-        (`run` passes [N, k, k] and [N, k] always, so that one compilation serves all.)
-      q_log_var: for a diagonal q its log-variances [k] or [N, k]; the KL to the
-        prior is then `kl.analytic`, else `kl.analytic_full`.
+      q: a `DiagNormal` (mean and log_var [N, k]) or a `FullNormal` (mean [N, k],
+        scale_tril [N, k, k]); the KL to the prior is `kl.divergence`'s.
 
     Returns:
       dict of [N] arrays: log_px, elbo, kl_prior, kl_posterior, identity_error.
@@ -100,38 +106,35 @@ def terms(model, x, q_mean, q_scale_tril, q_log_var=None):
                                            jnp.asarray(model.b, dtype), model.noise_std)
     post = linear_gaussian.posterior(model, x)
     log_px = linear_gaussian.log_marginal(model, x)
-    if q_log_var is not None:
-        kl_prior = kl.analytic(q_mean, jnp.broadcast_to(q_log_var, q_mean.shape))
-    else:
-        kl_prior = kl.analytic_full(q_mean, q_scale_tril)
-    elbo = expected_log_likelihood(model, x, q_mean, q_scale_tril) - kl_prior
-    kl_post = kl.analytic_full(q_mean, q_scale_tril, post.mean, post.scale_tril.astype(dtype))
+    kl_prior = kl.divergence(q, STANDARD_NORMAL)
+    q_tril = scale_tril(q)
+    elbo = expected_log_likelihood(model, x, q.mean, q_tril) - kl_prior
+    kl_post = kl.analytic_full(q.mean, q_tril, post.mean, post.scale_tril.astype(dtype))
     return {"log_px": log_px, "elbo": elbo, "kl_prior": kl_prior, "kl_posterior": kl_post,
             "identity_error": log_px - elbo - kl_post}
 
 
 def _diag_q(mean, var):
-    var = jnp.broadcast_to(var, mean.shape[-1:])
-    return {"mean": mean, "scale_tril": jnp.diag(jnp.sqrt(var)), "log_var": jnp.log(var)}
+    return DiagNormal(mean, jnp.broadcast_to(jnp.log(var), mean.shape))
 
 
 def fixed_variants(model, x, config):
-    """(variant, param, q) for the hand-made q's: q = {mean, scale_tril[, log_var]}."""
+    """(variant, param, q) for the hand-made q's, each a `DiagNormal` or `FullNormal`."""
     post = linear_gaussian.posterior(model, x)
+    cov = post.covariance()
     k = model.latent_dim
-    precision = jnp.linalg.inv(post.cov)
-    out = [("exact_posterior", None, {"mean": post.mean, "scale_tril": post.scale_tril})]
+    out = [("exact_posterior", None, post)]
+    precision = jnp.linalg.inv(cov)
     out.append(("mean_field_optimal", None, _diag_q(post.mean, 1.0 / jnp.diag(precision))))
-    out.append(("mean_field_marginals", None, _diag_q(post.mean, jnp.diag(post.cov))))
+    out.append(("mean_field_marginals", None, _diag_q(post.mean, jnp.diag(cov))))
     for c in config.shrink_factors:
-        out.append(("shrink", float(c), {"mean": post.mean,
-                                         "scale_tril": math.sqrt(c) * post.scale_tril}))
-    eye = jnp.eye(k, dtype=post.cov.dtype)
+        out.append(("shrink", float(c), FullNormal(post.mean, math.sqrt(c) * post.scale_tril)))
+    eye = jnp.eye(k, dtype=cov.dtype)
     for t in config.interpolation_ts:
         # q_0 = p(z) = N(0, I) ignores x; q_1 = p(z|x). Mean and Cholesky factor
         # are interpolated linearly (a lower-triangular factor with a positive diagonal).
-        out.append(("interpolate", float(t), {"mean": t * post.mean,
-                                              "scale_tril": t * post.scale_tril + (1 - t) * eye}))
+        out.append(("interpolate", float(t),
+                    FullNormal(t * post.mean, t * post.scale_tril + (1 - t) * eye)))
     return out
 
 
@@ -155,13 +158,8 @@ def trained_variants(model, x_train, x_test, key, config):
                        | {config.train_steps})
         for s in steps:
             params = jax.tree.map(lambda h, s=s: h[s], history)
-            mean, log_var, tril = linear_encoders.apply(params, x_test, family)
-            if family == "mean_field":
-                q = {"mean": mean, "log_var": log_var,
-                     "scale_tril": jax.vmap(jnp.diag)(jnp.exp(0.5 * log_var))}
-            else:
-                q = {"mean": mean, "scale_tril": tril}
-            out.append((f"trained_{family}", int(s), q))
+            out.append((f"trained_{family}", int(s),
+                        linear_encoders.apply(params, x_test, family)))
     return out
 
 
@@ -177,11 +175,10 @@ def _summarise(variant, param, t64, t32):
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
-def _mc_elbo(model, x, mean, log_var, key, *, num_samples):
+def _mc_elbo(model, x, q, key, *, num_samples):
     """The test-set mean of `vaekl.elbo.elbo(kl='analytic')` with num_samples draws per example."""
     log_lik = linear_encoders.true_log_likelihood(model, x)
-    return jnp.mean(elbo_lib.elbo(key, mean, log_var, log_lik, kl="analytic",
-                                  num_samples=num_samples).elbo)
+    return jnp.mean(elbo_lib.elbo(key, q, log_lik, kl="analytic", num_samples=num_samples).elbo)
 
 
 def sampled_check(model, x, variant, param, q, key, config):
@@ -190,13 +187,10 @@ def sampled_check(model, x, variant, param, q, key, config):
     `mc_repeats` independent estimates of the test-set mean ELBO, each with
     `mc_samples` draws of z per example; their mean and standard error.
     """
-    log_var = jnp.broadcast_to(q["log_var"], q["mean"].shape)
-    estimates = np.array([float(_mc_elbo(model, x, q["mean"], log_var, jax.random.fold_in(key, r),
+    estimates = np.array([float(_mc_elbo(model, x, q, jax.random.fold_in(key, r),
                                          num_samples=config.mc_samples))
                           for r in range(config.mc_repeats)])
-    n, k = q["mean"].shape
-    closed = float(np.mean(terms(model, x, q["mean"], jnp.broadcast_to(q["scale_tril"], (n, k, k)),
-                                 log_var)["elbo"]))
+    closed = float(np.mean(terms(model, x, q)["elbo"]))
     m = Moments.of(estimates)
     mc, se = float(m.mean), float(m.mean_se())
     return {"variant": variant, "param": param, "closed_form_elbo": closed, "mc_elbo": mc,
@@ -221,13 +215,9 @@ def run(config, workdir: str) -> dict:
         variants += trained_variants(model, x_train, x, jax.random.fold_in(key, 0), config)
         rows, per_example = [], {}
         for variant, param, q in variants:
-            n, k = q["mean"].shape
-            args = (q["mean"], jnp.broadcast_to(q["scale_tril"], (n, k, k)),
-                    None if q.get("log_var") is None else jnp.broadcast_to(q["log_var"], (n, k)))
-            t64 = jax.tree.map(np.asarray, terms(model, x, *args))
+            t64 = jax.tree.map(np.asarray, terms(model, x, q))
             t32 = jax.tree.map(np.asarray, terms(
-                model, x.astype(jnp.float32),
-                *[None if a is None else a.astype(jnp.float32) for a in args]))
+                model, x.astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32), q)))
             assert t64["elbo"].dtype == np.float64 and t32["elbo"].dtype == np.float32
             rows.append(_summarise(variant, param, t64, t32))
             per_example[(variant, param)] = (t64["log_px"], t64["elbo"], t64["kl_posterior"])

@@ -205,9 +205,10 @@ def _burda_k50_rows() -> list[Overrides]:
                          grad_estimator=["reparam", "dreg"], num_seeds=[2]))
 
 
-# The KL terms of each (posterior, prior) pair of `no_closed_form` (vaekl.posteriors.kl_terms,
-# which tests/no_closed_form_test.py checks these against: launch reads no library code).
-_NO_CLOSED_FORM_TERMS = {
+# The KL terms of each (posterior, prior) pair of `no_closed_form`: what `vaekl.kl.terms` answers
+# for the pair's classes (`vaekl.config.pair_types`), written out because launch imports neither
+# vaekl nor JAX; tests/no_closed_form_test.py fails if the two ever differ.
+NO_CLOSED_FORM_TERMS = {
     ("diag", "standard"): ["analytic", "k1", "k3", "stl", "entropy"],
     ("diag", "vamp"): ["k1", "k3", "stl", "entropy"],
     ("full", "standard"): ["analytic", "k1", "k3", "stl", "entropy"],
@@ -253,7 +254,7 @@ SWEEPS: dict[str, Sweep] = {
     "no_closed_form": Sweep(
         config="experiments/configs/train.py:quick",
         runs=chain(*[product(posterior=[q], prior=[p], kl=terms)
-                     for (q, p), terms in _NO_CLOSED_FORM_TERMS.items()]),
+                     for (q, p), terms in NO_CLOSED_FORM_TERMS.items()]),
         fixed={**_DIGITS, "num_pseudo_inputs": 50, "iaf_hidden": (64,), "iaf_context": 8},
         description="every posterior family x prior (standard, VampPrior) x the KL terms the"
                     " pair allows, seconds each on digits"),

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaekl import bounds, kl as kl_lib
+from vaekl import bounds
+from vaekl.distributions import DiagNormal
 
 DX, DZ, BATCH = 4, 2, 3
 LOG_2PI = math.log(2 * math.pi)
@@ -44,13 +45,18 @@ def _surrogate(params, x, key, **kw):
         r = x - (z @ params["W"] + params["c"])
         return -0.5 * jnp.sum(r * r + LOG_2PI, axis=-1)
 
-    return jnp.mean(bounds.objective(key, mean, log_var, log_lik, **kw).bound)
+    return jnp.mean(bounds.objective(key, DiagNormal(mean, log_var), log_lik, **kw).bound)
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "num_samples", "grad_estimator",
                                              "outer_samples", "alpha", "beta"))
 def _value_and_grad(params, x, key, **kw):
     return jax.value_and_grad(_surrogate)(params, x, key, **kw)
+
+
+def _eps(key, shape, num_samples, dtype=np.float32):
+    """The library's base noise for `num_samples` draws of a q of batch and event `shape`."""
+    return jax.random.normal(key, (num_samples,) + shape, dtype)
 
 
 def _softmax(a):
@@ -130,7 +136,7 @@ def test_value_and_gradient_match_float64_reference_on_same_draws(objective, kw,
                                    grad_estimator=estimator, **kw)
     m = kw.get("outer_samples", 1)
     mean = x @ params["A"] + params["b"]
-    _, eps = kl_lib.reparameterize(key, mean, jnp.broadcast_to(params["lv"], mean.shape), m * k)
+    eps = _eps(key, mean.shape, m * k)
     parts = _reference_parts(params, x, eps)
     ref_value, g_dec, g_enc = _reference(objective, estimator, parts[0], k=k, m=m,
                                          alpha=kw.get("alpha", 0.5), beta=kw.get("beta", 0.5))
@@ -179,7 +185,8 @@ def test_elbo_parts_and_shapes_under_vmap():
         def log_lik(z):
             r = x - (z @ params["W"] + params["c"])
             return -0.5 * jnp.sum(r * r + LOG_2PI, axis=-1)
-        return bounds.objective(key, mean, log_var, log_lik, objective="iwae", num_samples=3)
+        return bounds.objective(key, DiagNormal(mean, log_var), log_lik, objective="iwae",
+                                num_samples=3)
 
     out = jax.jit(jax.vmap(one))(keys)
     assert out.bound.shape == out.elbo.shape == (4, BATCH)
@@ -216,19 +223,21 @@ def test_dreg_is_unbiased_and_stl_iwae_is_biased(objective, kw):
 def test_bad_arguments_name_themselves():
     params, x = _params()
     mean = x @ params["A"] + params["b"]
-    lv = jnp.zeros_like(mean)
+    q = DiagNormal(mean, jnp.zeros_like(mean))
     ll = lambda z: jnp.sum(z, -1)  # noqa: E731
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="objective"):
-        bounds.objective(key, mean, lv, ll, objective="iwea", num_samples=2)
+        bounds.objective(key, q, ll, objective="iwea", num_samples=2)
     with pytest.raises(ValueError, match="grad_estimator"):
-        bounds.objective(key, mean, lv, ll, num_samples=2, grad_estimator="dreg2")
+        bounds.objective(key, q, ll, num_samples=2, grad_estimator="dreg2")
     with pytest.raises(ValueError, match="outer_samples"):
-        bounds.objective(key, mean, lv, ll, num_samples=2, outer_samples=3)
+        bounds.objective(key, q, ll, num_samples=2, outer_samples=3)
     with pytest.raises(ValueError, match="beta"):
-        bounds.objective(key, mean, lv, ll, objective="ciwae", num_samples=2, beta=1.5)
+        bounds.objective(key, q, ll, objective="ciwae", num_samples=2, beta=1.5)
     with pytest.raises(ValueError, match="num_samples"):
-        bounds.objective(key, mean, lv, ll, num_samples=0)
+        bounds.objective(key, q, ll, num_samples=0)
+    with pytest.raises(TypeError, match="`q`"):
+        bounds.objective(key, (mean, mean), ll, num_samples=2)
 
 
 _X64 = """
@@ -241,7 +250,7 @@ for est in ("reparam", "stl", "dreg"):
     value, grads = t._value_and_grad(params, x, key, objective="iwae", num_samples=50,
                                      grad_estimator=est)
     mean = x @ params["A"] + params["b"]
-    _, eps = t.kl_lib.reparameterize(key, mean, np.broadcast_to(params["lv"], mean.shape), 50)
+    eps = t._eps(key, mean.shape, 50, np.float64)
     parts = t._reference_parts(params, x, eps)
     v, g_dec, g_enc = t._reference("iwae", est, parts[0], k=50)
     ref = t._reference_grad(parts, g_dec, g_enc, with_score=est == "reparam")
@@ -256,3 +265,28 @@ def test_float64_matches_reference_to_rounding():
     out = subprocess.run([sys.executable, "-c", _X64], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_renyi_below_zero_is_refused_since_it_exceeds_the_evidence():
+    """Audit (issue 22): for alpha < 0 the Renyi objective is no lower bound: with K = 500 it
+    exceeds log p(x) (1-d linear Gaussian: p(z) = N(0, 1), p(x|z) = N(z, 1), x = 1, q wider
+    than the posterior), where IWAE (alpha = 0) stays below; `objective` refuses it."""
+    x = 1.0
+    log_px = -0.5 * (x * x / 2 + math.log(2 * math.pi * 2))
+    q = DiagNormal(jnp.asarray([0.3]), jnp.asarray([math.log(1.5)]))
+    log_lik = lambda z: -0.5 * jnp.sum(jnp.square(x - z) + LOG_2PI, axis=-1)  # noqa: E731
+    u = jax.jit(jax.vmap(lambda key: bounds.log_weights(key, q, log_lik, num_samples=500).u))(
+        jax.random.split(jax.random.key(4), 200))  # [keys, K]
+
+    def renyi(alpha):
+        s = 1.0 - alpha
+        v = (jax.nn.logsumexp(s * u, axis=1) - math.log(500)) / s
+        return float(jnp.mean(v)), float(jnp.std(v) / math.sqrt(len(v)))
+
+    above, se = renyi(-1.0)
+    assert above > log_px + 5 * se + 0.05, (above, log_px)
+    iwae, se = renyi(0.0)
+    assert iwae < log_px + 5 * se
+    ll = lambda z: jnp.zeros(z.shape[:-1])  # noqa: E731
+    with pytest.raises(ValueError, match="`alpha` must be finite and >= 0"):
+        bounds.objective(jax.random.key(0), q, ll, objective="renyi", num_samples=2, alpha=-1.0)

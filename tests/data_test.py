@@ -137,7 +137,8 @@ def test_per_dimension_noise_matches_scipy_and_conditioning():
     gain = np.linalg.solve(sxx, model.w).T  # W^T Sxx^-1, [k, d].
     post = linear_gaussian.posterior(model, x)
     np.testing.assert_allclose(post.mean, (x - model.b) @ gain.T, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(post.cov, np.eye(3) - gain @ model.w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(post.covariance(), np.eye(3) - gain @ model.w, rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_posterior_matches_joint_gaussian_conditioning(model_and_x):
@@ -149,7 +150,7 @@ def test_posterior_matches_joint_gaussian_conditioning(model_and_x):
     cov = np.eye(model.latent_dim) - gain @ model.w
     post = linear_gaussian.posterior(model, x)
     np.testing.assert_allclose(post.mean, mean, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(post.cov, cov, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(post.covariance(), cov, rtol=1e-4, atol=1e-5)
     tril = np.asarray(post.scale_tril)
     np.testing.assert_allclose(tril @ tril.T, cov, rtol=1e-4, atol=1e-5)
     assert np.allclose(tril, np.tril(tril))
@@ -168,7 +169,7 @@ def test_posterior_and_evidence_match_bayes_rule_on_a_grid():
     var = ((z - mean) ** 2 * joint).sum() * dz / evidence
     post = linear_gaussian.posterior(model, x)
     np.testing.assert_allclose(float(post.mean[0]), mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(float(post.cov[0, 0]), var, rtol=1e-4)
+    np.testing.assert_allclose(float(post.covariance()[0, 0]), var, rtol=1e-4)
     log_evidence = float(linear_gaussian.log_marginal(model, x))
     np.testing.assert_allclose(log_evidence, np.log(evidence), atol=1e-4)
 

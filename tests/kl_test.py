@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import vaekl
-from vaekl import kl, priors
+from vaekl import kl
+from vaekl.distributions import DiagNormal, FullNormal, MixtureOfGaussians, mixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -224,7 +225,7 @@ def test_analytic_is_exactly_zero_for_equal_distributions():
         out = np.asarray(kl.analytic(qm, qlv, qm, qlv))
         np.testing.assert_array_equal(out, np.zeros(64, np.float32))
         np.testing.assert_array_equal(analytic(qm, qlv, qm, qlv), np.zeros(64, np.float32))
-        out = np.asarray(kl.analytic(qm, qlv, prior=priors.DiagNormal(qm, qlv)))
+        out = np.asarray(kl.analytic(qm, qlv, prior=DiagNormal(qm, qlv)))
         np.testing.assert_array_equal(out, np.zeros(64, np.float32))
 
 
@@ -234,7 +235,7 @@ def test_analytic_default_prior_is_standard_normal_and_prior_kwarg_matches():
     qm, qlv, pm, plv = random_diag_params(rng, (6, 4))
     np.testing.assert_allclose(kl.analytic(qm, qlv), ref_kl_diag(qm, qlv, 0.0, 0.0), rtol=1e-6)
     np.testing.assert_array_equal(kl.analytic(qm, qlv, pm, plv),
-                                  kl.analytic(qm, qlv, prior=priors.DiagNormal(pm, plv)))
+                                  kl.analytic(qm, qlv, prior=DiagNormal(pm, plv)))
 
 
 def test_analytic_broadcasts_prior_over_batch():
@@ -571,7 +572,7 @@ def test_k3_through_draws_with_far_apart_prior():
     """q = N(0, 1), p = N(12.65, 1) in 1-D: log r = m eps - m^2/2 spans ~[-130, -30] around -80.
 
     (log r ~ +80 can't be reached by random draws: E_q log r = -KL <= 0 and
-    the upper tail is Gaussian, so +80 is checked through `log_ratio` below.)
+    the upper tail is Gaussian, so +80 is checked at a chosen z below.)
     k3 must be finite and equal float64 e^lr - 1 - lr with lr taken from k1 = -lr.
     """
     m = np.float32(math.sqrt(160.0))
@@ -585,10 +586,12 @@ def test_k3_through_draws_with_far_apart_prior():
 
 
 def test_k3_through_log_ratio_near_plus_80():
-    """q wide (log var 80) and p narrow (log var -80), z at p's mean, eps = 0: log r = 80."""
-    prior = priors.DiagNormal(jnp.float32(0.25), jnp.float32(-80.0))
+    """q wide (log var 80) and p narrow (log var -80), z at both means: log r = 80, as the
+    ELBO's k3 term forms it (log p(z) - log q(z))."""
+    prior = DiagNormal(jnp.float32(0.25), jnp.float32(-80.0))
+    q = DiagNormal(jnp.full((1, 1), 0.25, jnp.float32), jnp.float32(80.0))
     z = jnp.full((1, 1), 0.25, jnp.float32)
-    lr = kl.log_ratio(z, jnp.zeros((1, 1), jnp.float32), jnp.float32(80.0), prior)
+    lr = prior.log_prob(z) - q.log_prob(z)
     assert float(lr[0]) == pytest.approx(80.0, rel=1e-6)
     k3 = kl.estimate("k3", lr)
     assert np.isfinite(float(k3[0]))
@@ -649,7 +652,7 @@ def _numpy_mixture_log_prob(z, prior):
 
 def test_sampled_with_mixture_prior_matches_numpy_monte_carlo():
     """k1 with a 5-component mixture equals an independent NumPy MC estimate to MC error."""
-    prior = priors.mixture(jax.random.key(6), 5, 3, spread=1.5, log_var=-0.5)
+    prior = mixture(jax.random.key(6), 5, 3, spread=1.5, log_var=-0.5)
     prior = prior._replace(logits=jnp.asarray([0.3, -1.0, 0.0, 0.8, -0.2], jnp.float32))
     qm = np.array([0.3, -0.4, 1.0], np.float32)
     qlv = np.array([-0.5, 0.2, -1.0], np.float32)
@@ -671,7 +674,7 @@ def test_sampled_with_mixture_prior_matches_numpy_monte_carlo():
 
 def test_mixture_log_prob_matches_numpy():
     """The mixture's log_prob agrees with the scipy logsumexp formula."""
-    prior = priors.mixture(jax.random.key(9), 4, 2)
+    prior = mixture(jax.random.key(9), 4, 2)
     prior = prior._replace(logits=jnp.asarray([0.0, 1.0, -2.0, 0.5], jnp.float32))
     z = np.random.default_rng(24).normal(size=(7, 2)).astype(np.float32) * 2
     got = jax.jit(lambda p, z: p.log_prob(z))(prior, jnp.asarray(z))
@@ -680,7 +683,7 @@ def test_mixture_log_prob_matches_numpy():
 
 def test_analytic_with_mixture_prior_raises():
     """There is no closed form against a mixture: ValueError saying so."""
-    prior = priors.mixture(jax.random.key(10), 3, 2)
+    prior = mixture(jax.random.key(10), 3, 2)
     with pytest.raises(ValueError, match="no closed form"):
         kl.analytic(jnp.zeros(2), jnp.zeros(2), prior=prior)
 
@@ -689,8 +692,8 @@ def test_one_component_mixture_equals_diag_normal():
     """A 1-component mixture is the DiagNormal: same draws (same key) and MC -> analytic."""
     pm = np.array([0.5, -1.0, 0.2], np.float32)
     plv = np.array([0.3, -0.4, 0.0], np.float32)
-    mix = priors.MixtureOfGaussians(jnp.zeros(1), jnp.asarray(pm[None]), jnp.asarray(plv[None]))
-    normal = priors.DiagNormal(pm, plv)
+    mix = MixtureOfGaussians(jnp.zeros(1), jnp.asarray(pm[None]), jnp.asarray(plv[None]))
+    normal = DiagNormal(pm, plv)
     qm = np.array([[0.1, 0.2, 0.3], [-1.0, 0.0, 1.0]], np.float32)
     qlv = np.array([[0.0, -0.5, 0.5], [0.2, 0.1, -0.3]], np.float32)
     key = jax.random.key(11)
@@ -953,4 +956,103 @@ def test_analytic_per_dim_sums_to_analytic():
     assert per_dim.shape == (7, 4)
     np.testing.assert_array_equal(jnp.sum(per_dim, -1), vaekl.kl.analytic(qm, qlv, pm, plv))
     with pytest.raises(ValueError, match="analytic_per_dim.*no closed form"):
-        vaekl.kl.analytic_per_dim(qm, qlv, prior=vaekl.priors.mixture(jax.random.key(0), 2, 4))
+        vaekl.kl.analytic_per_dim(qm, qlv, prior=mixture(jax.random.key(0), 2, 4))
+
+
+# --------------------------------------------------------------------------
+# The registry: divergence(q, p), terms(q_type, p_type)
+# --------------------------------------------------------------------------
+
+
+def test_terms_of_every_family_and_prior():
+    """The one answer to "which KL terms apply": closed form where a pair is registered,
+    entropy where q has one, k1/k3/stl everywhere (every family here is reparameterised)."""
+    from vaekl import posteriors
+
+    every = ("analytic", "k1", "k3", "stl", "entropy")
+    want = {("diag", DiagNormal): every, ("full", DiagNormal): every,
+            ("iaf", DiagNormal): ("k1", "k3", "stl"),
+            ("diag", MixtureOfGaussians): every[1:], ("full", MixtureOfGaussians): every[1:],
+            ("iaf", MixtureOfGaussians): ("k1", "k3", "stl"),
+            ("full", FullNormal): every, ("diag", FullNormal): every[1:]}
+    for (family, p_type), terms in want.items():
+        assert kl.terms(posteriors.FAMILIES[family], p_type) == terms, (family, p_type)
+    # A mixture as q: its component draw has no path derivative, so no STL.
+    assert kl.terms(MixtureOfGaussians, DiagNormal) == ("k1", "k3")
+
+
+def test_divergence_of_each_registered_pair_matches_tfp():
+    """diag-diag, full-diag and full-full against TFP's closed forms, batched q and p."""
+    tfd = pytest.importorskip("tensorflow_probability.substrates.jax").distributions
+    rng = np.random.default_rng(12)
+    qm, qlv, pm, plv = random_diag_params(rng, (6, 3))
+    tq, tp = random_tril(rng, (6,), 3), random_tril(rng, (6,), 3)
+    diag_q, diag_p = DiagNormal(qm, qlv), DiagNormal(pm, plv)
+    full_q, full_p = FullNormal(qm, tq), FullNormal(pm, tp)
+
+    def mvn_diag(m, lv):
+        return tfd.MultivariateNormalDiag(m, np.exp(0.5 * lv))
+
+    cases = [(diag_q, diag_p, mvn_diag(qm, qlv), mvn_diag(pm, plv)),
+             (full_q, diag_p, tfd.MultivariateNormalTriL(qm, tq), mvn_diag(pm, plv)),
+             (full_q, full_p, tfd.MultivariateNormalTriL(qm, tq),
+              tfd.MultivariateNormalTriL(pm, tp))]
+    for q, p, ref_q, ref_p in cases:
+        got = jax.jit(kl.divergence)(q, p)
+        assert got.shape == (6,)
+        np.testing.assert_allclose(got, tfd.kl_divergence(ref_q, ref_p), rtol=1e-4, atol=1e-5,
+                                   err_msg=kl.pair_name(type(q), type(p)))
+
+
+def test_full_against_a_batched_diagonal_prior():
+    """Audit (issue 22): KL(full || diag) raised for a prior with batched log_var [B, dim]
+    (`broadcast_to(..., (dim,))`) where the diagonal q accepts it; each row now matches TFP."""
+    tfd = pytest.importorskip("tensorflow_probability.substrates.jax").distributions
+    rng = np.random.default_rng(13)
+    qm, _, pm, plv = random_diag_params(rng, (5, 4))
+    tq = random_tril(rng, (5,), 4)
+    got = kl.divergence(FullNormal(qm, tq), DiagNormal(pm, plv))
+    want = tfd.kl_divergence(tfd.MultivariateNormalTriL(qm, tq),
+                             tfd.MultivariateNormalDiag(pm, np.exp(0.5 * plv)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # A scalar prior and a shared [dim] one still broadcast.
+    for p in (DiagNormal(0.0, 0.0), DiagNormal(pm[0], plv[0])):
+        assert kl.divergence(FullNormal(qm, tq), p).shape == (5,)
+
+
+def test_divergence_of_an_unregistered_pair_names_it_and_the_terms_that_work():
+    from vaekl import posteriors
+
+    iaf = posteriors.IAF(jnp.zeros(2), jnp.zeros(2), jnp.zeros(0),
+                         posteriors.init_iaf(jax.random.key(0), 2, (4,), 1, 0))
+    for q, p, pair, terms in [
+            (DiagNormal(jnp.zeros(2), jnp.zeros(2)), mixture(jax.random.key(1), 2, 2),
+             "KL(DiagNormal || MixtureOfGaussians)", ("k1", "k3", "stl", "entropy")),
+            (iaf, DiagNormal(0.0, 0.0), "KL(IAF || DiagNormal)", ("k1", "k3", "stl"))]:
+        with pytest.raises(ValueError, match="vaekl.kl.divergence: the KL has no closed form"
+                           ) as info:
+            kl.divergence(q, p)
+        assert pair in str(info.value) and str(terms) in str(info.value)
+
+
+def _scaled_eye(scale):
+    return np.float32(scale) * np.eye(3, dtype=np.float32)
+
+
+@pytest.mark.parametrize("scale, want", [(1e-20, 0.5 * 3 * (1e-40 - 1 + 40 * math.log(10))),
+                                         (1e-30, 0.5 * 3 * (1e-60 - 1 + 60 * math.log(10))),
+                                         (1e-3, 0.5 * 3 * (1e-6 - 1 + 6 * math.log(10)))])
+def test_analytic_full_of_a_tiny_scale_is_finite_in_float32(scale, want):
+    """Audit (issue 22): log(M_ii^2) underflowed to log(0) = -inf in float32 for
+    |M_ii| < 1.1e-19 (and M_ii^2 overflowed to inf above 1.8e19, inf - inf = NaN);
+    2 log |M_ii| avoids both."""
+    got = float(analytic_full(np.zeros(3, np.float32), _scaled_eye(scale)))
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_analytic_full_of_a_huge_scale_is_inf_not_nan_in_float32():
+    """M_ii = 1e20: the KL, ~1.5e40, exceeds float32: +inf, not the NaN of inf - inf."""
+    assert np.isposinf(float(analytic_full(np.zeros(3, np.float32), _scaled_eye(1e20))))
+    # In float32 range the large-scale KL is accurate: M_ii = 1e15, KL ~ 1.5e30.
+    got = float(analytic_full(np.zeros(3, np.float32), _scaled_eye(1e15)))
+    assert got == pytest.approx(0.5 * 3 * (1e30 - 1 - 30 * math.log(10)), rel=1e-5)

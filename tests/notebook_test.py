@@ -1,6 +1,7 @@
 """Executes the walkthrough notebook end to end (its cells assert what they show) and checks
 that its text holds the derivation it exists for."""
 
+import os
 import re
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def test_walkthrough_notebook_executes(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
          "--ExecutePreprocessor.timeout=300", str(NOTEBOOK), "--output", str(out)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(NOTEBOOK.parents[1])})  # This checkout's vaekl.
     assert proc.returncode == 0, proc.stderr[-3000:]
     import nbformat
 

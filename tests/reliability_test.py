@@ -40,7 +40,8 @@ import pytest
 
 import vaekl
 from tests.train_test import assert_trees_equal, final_state, make_config, read_metrics
-from vaekl import checkpoint, data, elbo, kl, priors, train
+from vaekl import bounds, checkpoint, data, elbo, kl, train
+from vaekl.distributions import DiagNormal, mixture
 from vaekl import steps as steps_lib
 from vaekl import workdir as workdir_lib
 
@@ -56,6 +57,7 @@ WALL_TIMES = ("train_wall_s", "total_wall_s")
 KEY = jax.random.key(0)
 MEAN = jnp.zeros((4, 3))
 LOG_VAR = jnp.zeros((4, 3))
+Q = DiagNormal(MEAN, LOG_VAR)
 
 
 def _log_lik(z):
@@ -90,15 +92,16 @@ BAD_INPUTS = [
          ValueError),
     case("kl.analytic/scalar", lambda t: kl.analytic(jnp.float32(0), jnp.float32(0)),
          ["`q_mean`", "shape [..., dim]", "scalar"], ValueError),
-    case("elbo.elbo/scalar", lambda t: elbo.elbo(KEY, jnp.float32(0), jnp.float32(0), _log_lik),
-         ["vaekl.elbo.elbo", "`q_mean`", "[..., dim]"], ValueError),
+    case("elbo.elbo/scalar",
+         lambda t: elbo.elbo(KEY, DiagNormal(jnp.float32(0), jnp.float32(0)), _log_lik),
+         ["vaekl.distributions.DiagNormal", "`mean` or `log_var`", "[..., dim]"], ValueError),
     case("kl.analytic_full/scale-shape", lambda t: kl.analytic_full(MEAN, jnp.ones((4, 2, 2))),
          ["`q_scale_tril`", "[..., 3, 3]", "got [4, 2, 2]"], ValueError),
     case("kl.sampled/mixture-of-other-dim",
-         lambda t: kl.sampled(KEY, MEAN, LOG_VAR, prior=priors.mixture(KEY, 3, 5)),
+         lambda t: kl.sampled(KEY, MEAN, LOG_VAR, prior=mixture(KEY, 3, 5)),
          ["vaekl.kl.sampled", "prior.means[0][5]", "do not broadcast"], ValueError),
     case("elbo.elbo/log-likelihood-shape",
-         lambda t: elbo.elbo(KEY, MEAN, LOG_VAR, lambda z: jnp.zeros(z.shape)),
+         lambda t: elbo.elbo(KEY, Q, lambda z: jnp.zeros(z.shape)),
          ["`log_likelihood`", "to shape [1, 4]", "got [1, 4, 3]"], ValueError),
     # Dtypes.
     case("kl.analytic/int32", lambda t: kl.analytic(jnp.zeros((4, 3), jnp.int32), LOG_VAR),
@@ -120,46 +123,48 @@ BAD_INPUTS = [
          lambda t: vaekl.checked(jax.jit(kl.sampled))(KEY, MEAN, LOG_VAR.at[0, 0].set(jnp.inf)),
          ["vaekl.kl.sampled", "`q_log_var` has NaN or inf"], FloatingPointError),
     case("checked(elbo.elbo)/nan",
-         lambda t: vaekl.checked(jax.jit(lambda m, v: elbo.elbo(KEY, m, v, _log_lik).elbo))(
-             MEAN, LOG_VAR.at[3, 1].set(jnp.nan)),
-         ["vaekl.elbo.elbo", "`q_log_var` has NaN or inf"], FloatingPointError),
-    case("checked(elbo.iwae)/-inf",
-         lambda t: vaekl.checked(jax.jit(lambda m: elbo.iwae(KEY, m, LOG_VAR, _log_lik,
-                                                             num_samples=4)))(
-             MEAN.at[0, 0].set(-jnp.inf)),
-         ["vaekl.elbo.iwae", "`q_mean` has NaN or inf"], FloatingPointError),
+         lambda t: vaekl.checked(jax.jit(lambda q: elbo.elbo(KEY, q, _log_lik).elbo))(
+             DiagNormal(MEAN, LOG_VAR.at[3, 1].set(jnp.nan))),
+         ["vaekl.elbo.elbo", "`q.log_var` has NaN or inf"], FloatingPointError),
+    case("checked(bounds.iwae)/-inf",
+         lambda t: vaekl.checked(jax.jit(lambda q: bounds.iwae(KEY, q, _log_lik,
+                                                               num_samples=4)))(
+             DiagNormal(MEAN.at[0, 0].set(-jnp.inf), LOG_VAR)),
+         ["vaekl.bounds.iwae", "`q.mean` has NaN or inf"], FloatingPointError),
     case("kl.analytic/nan-literal", lambda t: kl.analytic(MEAN, LOG_VAR, p_mean=float("nan")),
          ["`p_mean` is nan"], FloatingPointError),
     # Counts.
     case("kl.sampled/num_samples=0", lambda t: kl.sampled(KEY, MEAN, LOG_VAR, num_samples=0),
          ["`num_samples` must be >= 1", "got 0"], ValueError),
     case("elbo.elbo/num_samples=-1",
-         lambda t: elbo.elbo(KEY, MEAN, LOG_VAR, _log_lik, num_samples=-1),
+         lambda t: elbo.elbo(KEY, Q, _log_lik, num_samples=-1),
          ["vaekl.elbo.elbo", "`num_samples` must be >= 1", "got -1"], ValueError),
     case("kl.sampled/num_samples=2.0", lambda t: kl.sampled(KEY, MEAN, LOG_VAR, num_samples=2.0),
          ["`num_samples` must be an int >= 1", "2.0"], TypeError),
-    case("elbo.iwae/chunk_size=0",
-         lambda t: elbo.iwae(KEY, MEAN, LOG_VAR, _log_lik, num_samples=8, chunk_size=0),
+    case("bounds.iwae/chunk_size=0",
+         lambda t: bounds.iwae(KEY, Q, _log_lik, num_samples=8, chunk_size=0),
          ["`chunk_size` must be >= 1"], ValueError),
     # Names.
     case("kl.sampled/estimator", lambda t: kl.sampled(KEY, MEAN, LOG_VAR, estimator="k4"),
          ["unknown estimator 'k4'", "('k1', 'k2', 'k3')"], ValueError),
-    case("elbo.elbo/kl", lambda t: elbo.elbo(KEY, MEAN, LOG_VAR, _log_lik, kl="k2"),
+    case("elbo.elbo/kl", lambda t: elbo.elbo(KEY, Q, _log_lik, kl="k2"),
          ["unknown kl 'k2'", "('analytic', 'k1', 'k3', 'stl', 'entropy')"], ValueError),
     case("kl.analytic/mixture-prior",
-         lambda t: kl.analytic(MEAN, LOG_VAR, prior=priors.mixture(KEY, 3, 3)),
+         lambda t: kl.analytic(MEAN, LOG_VAR, prior=mixture(KEY, 3, 3)),
          ["no closed form", "vaekl.kl.sampled(..., prior=prior)"], ValueError),
     case("kl.sampled/prior-type", lambda t: kl.sampled(KEY, MEAN, LOG_VAR, prior="normal"),
-         ["`prior` must be a vaekl.priors.DiagNormal", "got str"], TypeError),
+         ["`prior` must be a distribution with `log_prob`", "got str"], TypeError),
     case("elbo.elbo/log-likelihood-not-callable",
-         lambda t: elbo.elbo(KEY, MEAN, LOG_VAR, 3.0),
+         lambda t: elbo.elbo(KEY, Q, 3.0),
          ["`log_likelihood` must be a function z -> log p(x|z)", "got float"], TypeError),
     # Keys.
     case("kl.sampled/key=None", lambda t: kl.sampled(None, MEAN, LOG_VAR),
          ["vaekl.kl.sampled", "`key` must be a single PRNG key", "got None"], TypeError),
-    case("elbo.iwae/batch-of-keys",
-         lambda t: elbo.iwae(jax.random.split(KEY, 3), MEAN, LOG_VAR, _log_lik, num_samples=2),
-         ["vaekl.elbo.iwae", "`key`", "shape [3]", "jax.vmap"], TypeError),
+    case("bounds.iwae/batch-of-keys",
+         lambda t: bounds.iwae(jax.random.split(KEY, 3), Q, _log_lik, num_samples=2),
+         ["vaekl.bounds.iwae", "`key`", "shape [3]", "jax.vmap"], TypeError),
+    case("elbo.elbo/q-not-a-distribution", lambda t: elbo.elbo(KEY, (MEAN, LOG_VAR), _log_lik),
+         ["vaekl.elbo.elbo", "`q` must be a distribution", "got tuple"], TypeError),
     # Data.
     case("data.load/name", lambda t: data.load("cifar99"),
          ["vaekl.data.load: unknown name 'cifar99'", "expected one of", "'digits'"], ValueError),

@@ -1,17 +1,17 @@
 """vaekl: the KL term of variational autoencoders, analytic and sampled, measured.
 
-Light to import (no TensorFlow): `vaekl.kl`, `vaekl.elbo`, `vaekl.posteriors` and
-`vaekl.priors` are loaded here; the other modules (`vaekl.train`, `vaekl.data`, `vaekl.models`,
+Light to import (no TensorFlow): `vaekl.distributions`, `vaekl.kl`, `vaekl.elbo` and
+`vaekl.posteriors` are loaded here; the other modules (`vaekl.train`, `vaekl.data`, `vaekl.models`,
 `vaekl.config`, ...) on first use of the attribute, so that `import vaekl` then
 `vaekl.train.train_and_evaluate(...)` works as in a notebook.
 """
 
 import importlib
 
-from vaekl import elbo, kl, posteriors, priors
+from vaekl import distributions, elbo, kl, posteriors
 from vaekl.validate import checked
 
-__all__ = ["checked", "elbo", "kl", "posteriors", "priors"]
+__all__ = ["checked", "distributions", "elbo", "kl", "posteriors"]
 __version__ = "0.1.0"
 
 # The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.

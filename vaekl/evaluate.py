@@ -1,7 +1,8 @@
 """Test-set evaluation: ELBO, IWAE log-likelihood, rate, distortion, active units.
 
-Every posterior family of `vaekl.posteriors` is evaluated the same way: the ELBO
-with the analytic KL where the (posterior, prior) pair has one, k1 otherwise.
+Every posterior family and prior is evaluated the same way: the ELBO with the analytic KL
+where the (posterior, prior) pair has one (`vaekl.kl.terms`), k1 otherwise, and the IWAE
+log-likelihood of `vaekl.bounds.iwae`.
 
 The test set is padded to whole batches, each evaluated by one jitted call (the
 same executable for every batch); the figures are means over the real
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import distributed, elbo, kl, linear_gaussian, models, posteriors
+from vaekl import bounds, distributed, elbo, kl, linear_gaussian, models, posteriors
 from vaekl import progress as progress_lib
-from vaekl.priors import DiagNormal
+from vaekl.distributions import DiagNormal
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
 
@@ -27,7 +28,7 @@ ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
 def _per_dim_kl(q, prior):
     """Analytic KL per latent dimension, [..., latents] (zeros unless q and p are diagonal
     Gaussians: otherwise the KL does not split over dimensions)."""
-    if not (isinstance(prior, DiagNormal) and isinstance(q, posteriors.DiagGaussian)):
+    if not (isinstance(prior, DiagNormal) and isinstance(q, DiagNormal)):
         return jnp.zeros_like(q.mean)
     return kl.analytic_per_dim(q.mean, q.log_var, prior=prior)
 
@@ -63,7 +64,7 @@ def decoder_model(model: models.VAE, params) -> linear_gaussian.LinearGaussian:
 def has_exact_marginal(model: models.VAE) -> bool:
     """Whether `decoder_model` applies: a linear Gaussian decoder and a Gaussian prior."""
     return (model.kind == "mlp" and not tuple(model.hidden) and model.likelihood == "gaussian"
-            and model.prior in ("standard", "learned"))
+            and models.PRIORS[model.prior] is DiagNormal)
 
 
 class Evaluator:
@@ -97,18 +98,17 @@ class Evaluator:
             prior = model.apply(params, method=models.VAE.get_prior)
             log_lik = functools.partial(model.apply, params, x,
                                         method=models.VAE.log_likelihood)
-            closed = "analytic" in posteriors.kl_terms(q.family, isinstance(prior, DiagNormal))
+            closed = "analytic" in kl.terms(type(q), type(prior))
             k_elbo, k_iwae = jax.random.split(key)
-            bound = elbo.posterior_elbo(k_elbo, q, log_lik, prior,
-                                        kl="analytic" if closed else "k1",
-                                        num_samples=config.eval_elbo_samples)
+            bound = elbo.elbo(k_elbo, q, log_lik, prior, kl="analytic" if closed else "k1",
+                              num_samples=config.eval_elbo_samples)
             out = {"elbo": bound.elbo, "rate": bound.rate, "distortion": bound.distortion,
                    "mean": _location(q), "per_dim_kl": _per_dim_kl(q, prior)}
             if has_exact_marginal(model):
                 out["model_log_likelihood"] = linear_gaussian.log_marginal(
                     decoder_model(model, params), x)
             if importance_samples:
-                out["log_likelihood"] = elbo.posterior_iwae(
+                out["log_likelihood"] = bounds.iwae(
                     k_iwae, q, log_lik, prior, num_samples=importance_samples,
                     chunk_size=config.eval_chunk_size)
             return out
@@ -186,11 +186,10 @@ class Evaluator:
         recon = self._mean_image(model.apply(params, mean, method=models.VAE.decode))
         prior = model.apply(params, method=models.VAE.get_prior)
         z_key = jax.random.fold_in(keys["eval"], 1)
-        if isinstance(prior, DiagNormal):
-            eps = jax.random.normal(z_key, (64, self._config.latents))
-            z = prior.mean + jnp.exp(0.5 * jnp.asarray(prior.log_var)) * eps
-        else:
-            z = prior.sample(z_key, (64,))
+        if isinstance(prior, DiagNormal):  # The standard normal's fields are scalars.
+            prior = DiagNormal(*(jnp.broadcast_to(jnp.asarray(a, jnp.float32),
+                                                  (self._config.latents,)) for a in prior))
+        z, _ = prior.sample_and_log_prob(seed=z_key, sample_shape=(64,))
         samples = self._mean_image(model.apply(params, z, method=models.VAE.decode))
         when = (f"{self._config.dataset}, epoch {epoch} (step {step}), seed {self._config.seed}:"
                 f" test ELBO {float(test_elbo):.2f} nats per example")

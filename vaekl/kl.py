@@ -1,8 +1,14 @@
-"""Per-sample KL divergences: closed forms and Monte Carlo estimators.
+"""Per-sample KL divergences: closed forms, their registry, and Monte Carlo estimators.
 
-Every function reduces over the last (event) axis and broadcasts over the
-leading ones, so `analytic(mean, log_var)` with shapes [batch, dim] returns
-[batch]. All are pure and work under `jit`, `vmap` and `grad`.
+`divergence(q, p)` is the closed form of KL(q || p) for any registered pair of
+`vaekl.distributions` types (diag-diag, full-diag, full-full; `register` adds one, as
+TFP's `RegisterKL` does) and `terms(q_type, p_type)` says which KL terms of `vaekl.elbo`
+apply to a pair: the one answer the config check, the sweeps, evaluation and the messages use.
+
+The array-level functions (`analytic`, `analytic_per_dim`, `analytic_full`, `sampled`,
+`draws`) reduce over the last (event) axis and broadcast over the leading ones, so
+`analytic(mean, log_var)` with shapes [batch, dim] returns [batch]. All are pure and work
+under `jit`, `vmap` and `grad`.
 
 Sampled estimators follow Schulman (2020), with r = p(z)/q(z) over the whole
 latent vector and z ~ q reparameterised as z = mean + exp(log_var/2) * eps:
@@ -12,20 +18,20 @@ latent vector and z ~ q reparameterised as z = mean + exp(log_var/2) * eps:
 """
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from vaekl import validate
-from vaekl.priors import LOG_2PI, DiagNormal, MixtureOfGaussians
+from vaekl.distributions import DiagNormal, FullNormal, MixtureOfGaussians, diag_matrix
 
 ESTIMATORS = ("k1", "k2", "k3")
-Prior = Union[DiagNormal, MixtureOfGaussians]
 
 # 2 / n! for n = 2..10: e^x - 1 - x = x^2/2 * sum_n (2/n!) x^(n-2).
 _SERIES = tuple(2.0 / math.factorial(n) for n in range(2, 11))
 _SERIES_RADIUS = 0.1
+_REGISTRY: dict[tuple[type, type], Callable] = {}
 
 
 def expm1mx(x: jax.Array) -> jax.Array:
@@ -45,19 +51,116 @@ def expm1mx(x: jax.Array) -> jax.Array:
     return jnp.where(small, 0.5 * xs * xs * poly, jnp.expm1(xl) - xl)
 
 
-def _resolve_prior(fn_name, p_mean, p_log_var, prior) -> Prior:
+# --- The registry: closed forms by (q type, p type), and which KL terms apply. ---
+
+def register(q_type: type, p_type: type):
+    """Decorator: `fn(q, p) -> KL [...]` is the closed form of KL(q_type || p_type)."""
+    def decorator(fn):
+        _REGISTRY[(q_type, p_type)] = fn
+        return fn
+    return decorator
+
+
+def _lookup(q_type: type, p_type: type) -> Optional[Callable]:
+    """The registered closed form for the pair, subclasses matching their bases."""
+    for a in q_type.__mro__:
+        for b in p_type.__mro__:
+            if (a, b) in _REGISTRY:
+                return _REGISTRY[(a, b)]
+    return None
+
+
+def terms(q_type: type, p_type: type) -> tuple[str, ...]:
+    """The KL terms of `vaekl.elbo.elbo` that apply to q of `q_type` against p of `p_type`.
+
+    "analytic" where the pair has a registered closed form; "k1" and "k3" always; "stl"
+    where q is reparameterised (its `reparameterized`, default True); "entropy" where q
+    has a closed-form `entropy`. In `vaekl.elbo.KL_TERMS`' order.
+    """
+    return ((("analytic",) if _lookup(q_type, p_type) else ()) + ("k1", "k3")
+            + (("stl",) if getattr(q_type, "reparameterized", True) else ())
+            + (("entropy",) if hasattr(q_type, "entropy") else ()))
+
+
+def pair_name(q_type: type, p_type: type) -> str:
+    """'KL(IAF || MixtureOfGaussians)', for messages."""
+    return f"KL({q_type.__name__} || {p_type.__name__})"
+
+
+def check_term(what: str, kl: str, q_type: type, p_type: type, pair: str = "") -> None:
+    """Raises ValueError if the KL term `kl` does not apply to the pair (see `terms`).
+
+    The message starts with `what` (the argument or config field and its value), names
+    the pair (`pair`, or `pair_name`'s) and lists the terms that work.
+    """
+    allowed = terms(q_type, p_type)
+    if kl not in allowed:
+        reason = {"analytic": "has no closed form",
+                  "entropy": "needs q's entropy in closed form, which is not known",
+                  "stl": "needs a reparameterised q"}.get(kl, "does not apply")
+        raise ValueError(f"{what} {reason} for {pair or pair_name(q_type, p_type)}; the KL"
+                         f" terms that work for this pair: {allowed}.")
+
+
+def divergence(q, p) -> jax.Array:
+    """KL(q || p) in closed form, [...], for a registered pair of types.
+
+    Raises:
+      ValueError: for a pair without one, naming it and the KL terms that work.
+    """
+    check_term("vaekl.kl.divergence: the KL", "analytic", type(q), type(p))
+    return _lookup(type(q), type(p))(q, p)
+
+
+@register(DiagNormal, DiagNormal)
+def _diag_diag(q: DiagNormal, p: DiagNormal) -> jax.Array:
+    return analytic(q.mean, q.log_var, p.mean, p.log_var)
+
+
+@register(FullNormal, DiagNormal)
+def _full_diag(q: FullNormal, p: DiagNormal) -> jax.Array:
+    dtype = q.mean.dtype
+    ones = jnp.ones(q.mean.shape[-1:], dtype)  # Gives a scalar or batched prior its event axis.
+    p_scale = jnp.exp(0.5 * jnp.asarray(p.log_var, dtype)) * ones
+    return analytic_full(q.mean, q.scale_tril, p.mean, diag_matrix(p_scale))
+
+
+@register(FullNormal, FullNormal)
+def _full_full(q: FullNormal, p: FullNormal) -> jax.Array:
+    return analytic_full(q.mean, q.scale_tril, p.mean, p.scale_tril)
+
+
+def variational_kl(q, prior: MixtureOfGaussians) -> jax.Array:
+    """Hershey & Olsen's (2007) variational approximation of KL(q || mixture), [...].
+
+    For q with a closed-form KL to each diagonal Gaussian component g_b of sum_b w_b g_b it
+    is -log sum_b w_b e^-KL(q || g_b): closed form, but an approximation (neither a bound
+    nor unbiased), reported beside the sampled estimates, not used for training.
+    """
+    if not isinstance(prior, MixtureOfGaussians) or _lookup(type(q), DiagNormal) is None:
+        raise TypeError("vaekl.kl.variational_kl: expects a q with a closed-form KL to a"
+                        " DiagNormal and a MixtureOfGaussians prior, got"
+                        f" {type(q).__name__} and {type(prior).__name__}.")
+    kls = jax.vmap(lambda m, lv: divergence(q, DiagNormal(m, lv)), out_axes=-1)(
+        prior.means, prior.log_vars)
+    return -jax.nn.logsumexp(jax.nn.log_softmax(prior.logits) - kls, axis=-1)
+
+
+# --- Diagonal Gaussians from arrays: the seed formula and its estimators. ---
+
+def _prior(fn_name, p_mean, p_log_var, prior):
+    """The prior of the array-level functions: DiagNormal(p_mean, p_log_var) unless given."""
     if prior is None:
         return DiagNormal(p_mean, p_log_var)
-    if not isinstance(prior, (DiagNormal, MixtureOfGaussians)):
-        raise TypeError(
-            f"{fn_name}: `prior` must be a vaekl.priors.DiagNormal or"
-            f" MixtureOfGaussians, got {type(prior).__name__}.")
+    if not callable(getattr(prior, "log_prob", None)):
+        raise TypeError(f"{fn_name}: `prior` must be a distribution with `log_prob` (e.g. a"
+                        f" vaekl.distributions.DiagNormal), got {type(prior).__name__}.")
     return prior
 
 
 def analytic(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
              p_mean: jax.typing.ArrayLike = 0.0, p_log_var: jax.typing.ArrayLike = 0.0,
-             *, prior: Optional[Prior] = None) -> jax.Array:
+             *, prior=None) -> jax.Array:
     """KL(N(q_mean, diag e^q_log_var) || N(p_mean, diag e^p_log_var)), closed form.
 
     Per dimension, with d = q_log_var - p_log_var:
@@ -70,8 +173,8 @@ def analytic(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
       q_mean, q_log_var: posterior parameters, shape [..., dim].
       p_mean, p_log_var: prior parameters broadcastable to [..., dim]
         (default: the standard normal).
-      prior: alternatively a `DiagNormal`; a `MixtureOfGaussians` has no closed
-        form and raises `ValueError` (use `sampled`).
+      prior: alternatively a `DiagNormal`; any other prior (a `MixtureOfGaussians`)
+        has no closed form here and raises `ValueError` (use `sampled`).
 
     Returns:
       The KL per sample, shape [...].
@@ -82,7 +185,7 @@ def analytic(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
 
 def analytic_per_dim(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
                      p_mean: jax.typing.ArrayLike = 0.0, p_log_var: jax.typing.ArrayLike = 0.0,
-                     *, prior: Optional[Prior] = None) -> jax.Array:
+                     *, prior=None) -> jax.Array:
     """The terms of `analytic` before the sum: the KL of each dimension, shape [..., dim].
 
     What free bits clamp and what a per-dimension KL report shows; arguments as in
@@ -95,7 +198,7 @@ def analytic_per_dim(q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLi
 def _checked(name, q_mean, q_log_var, p_mean, p_log_var, prior):
     """The four parameters, validated (prior resolved), in `_terms`' order."""
     if prior is not None:
-        prior = _resolve_prior(name, p_mean, p_log_var, prior)
+        prior = _prior(name, p_mean, p_log_var, prior)
         if not isinstance(prior, DiagNormal):
             raise ValueError(
                 f"{name}: KL(diagonal Gaussian || {type(prior).__name__}) has no"
@@ -121,8 +224,11 @@ def analytic_full(q_mean: jax.typing.ArrayLike, q_scale_tril: jax.typing.ArrayLi
 
     With M = L_p^-1 L_q and y = L_p^-1 (q_mean - p_mean):
       KL = 1/2 [ sum_{i!=j} M_ij^2 + sum_i (M_ii^2 - 1 - log M_ii^2) + |y|^2 ],
-    the diagonal part through `expm1mx`. KL(q || q) is 0 up to the rounding of
-    the triangular solve (a few squared ulps, below 1e-12 in float32). Only the
+    the diagonal part through `expm1mx` of log M_ii^2 = 2 log |M_ii| (never M_ii^2
+    itself, which under- or overflows in float32 for |M_ii| < 1e-19 or > 1.8e19). KL(q || q)
+    is 0 up to the rounding of the triangular solve, which grows with the condition number
+    of L_p: below 1e-12 in float32 for a well-conditioned L_p, about 5e-6 at condition number
+    1e6 (dim 10). Only the
     lower triangles of both factors are read, as in TFP's `MultivariateNormalTriL`:
     entries above the diagonal are ignored.
 
@@ -165,30 +271,8 @@ def analytic_full(q_mean: jax.typing.ArrayLike, q_scale_tril: jax.typing.ArrayLi
         y = jax.scipy.linalg.solve_triangular(lp, diff[..., None], lower=True)[..., 0]
     diag = jnp.diagonal(m, axis1=-2, axis2=-1)
     off_diag = jnp.sum(jnp.square(jnp.tril(m, -1)), axis=(-2, -1))
-    diag_term = jnp.sum(expm1mx(jnp.log(jnp.square(diag))), axis=-1)
+    diag_term = jnp.sum(expm1mx(2.0 * jnp.log(jnp.abs(diag))), axis=-1)
     return 0.5 * (off_diag + diag_term + jnp.sum(jnp.square(y), axis=-1))
-
-
-def log_ratio(z: jax.Array, eps: jax.Array, q_log_var: jax.Array, prior: Prior) -> jax.Array:
-    """log p(z) - log q(z) for z = q_mean + exp(q_log_var / 2) * eps.
-
-    Written with eps rather than (z - q_mean) / sigma, so that its derivative in
-    the variational parameters is the full (path + score) derivative. For a
-    Gaussian prior the two log 2 pi terms cancel before they are added.
-
-    Args:
-      z, eps: shape [..., dim].
-      q_log_var: broadcastable to [..., dim].
-      prior: a `DiagNormal` or `MixtureOfGaussians`.
-
-    Returns:
-      Shape [...].
-    """
-    if isinstance(prior, DiagNormal):
-        sq = jnp.square(z - prior.mean) * jnp.exp(-jnp.asarray(prior.log_var, z.dtype))
-        return -0.5 * jnp.sum(sq - jnp.square(eps) + (prior.log_var - q_log_var), axis=-1)
-    log_q = -0.5 * jnp.sum(jnp.square(eps) + q_log_var + LOG_2PI, axis=-1)
-    return prior.log_prob(z) - log_q
 
 
 def estimate(estimator: str, log_r: jax.Array) -> jax.Array:
@@ -201,18 +285,9 @@ def estimate(estimator: str, log_r: jax.Array) -> jax.Array:
     return expm1mx(log_r)
 
 
-def reparameterize(key: jax.Array, q_mean: jax.Array, q_log_var: jax.Array,
-                   num_samples: int) -> tuple[jax.Array, jax.Array]:
-    """Draws z = q_mean + exp(q_log_var/2) * eps, both with shape [num_samples, ..., dim]."""
-    shape = jnp.broadcast_shapes(jnp.shape(q_mean), jnp.shape(q_log_var))
-    dtype = jnp.result_type(q_mean, q_log_var)
-    eps = jax.random.normal(key, (num_samples,) + shape, dtype)
-    return q_mean + jnp.exp(0.5 * q_log_var) * eps, eps
-
-
 def draws(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
           p_mean: jax.typing.ArrayLike = 0.0, p_log_var: jax.typing.ArrayLike = 0.0, *,
-          prior: Optional[Prior] = None, num_samples: int = 1,
+          prior=None, num_samples: int = 1,
           estimator: str = "k1") -> jax.Array:
     """Single-draw KL estimates, one per z ~ q: shape [num_samples, ...].
 
@@ -226,25 +301,25 @@ def _draws(name, key, q_mean, q_log_var, p_mean, p_log_var, prior, num_samples, 
     validate.choice(name, "estimator", estimator, ESTIMATORS)
     num_samples = validate.positive_int(name, "num_samples", num_samples)
     validate.prng_key(name, key)
-    prior = _resolve_prior(name, p_mean, p_log_var, prior)
+    prior = _prior(name, p_mean, p_log_var, prior)
     args = validate.floating(name, q_mean=q_mean, q_log_var=q_log_var)
     shapes = dict(args)
     if isinstance(prior, DiagNormal):
         p_args = validate.floating(name, p_mean=prior.mean, p_log_var=prior.log_var)
         prior = DiagNormal(*p_args.values())
         shapes.update(p_args)
-    else:
+    elif isinstance(prior, MixtureOfGaussians):
         shapes["prior.means[0]"] = prior.means[0]
     validate.event_shape(name, shapes, min_ndim=("q_mean", "q_log_var"))
     validate.finite(name, **shapes)
-    q_mean, q_log_var = args.values()
-    z, eps = reparameterize(key, q_mean, q_log_var, num_samples)
-    return estimate(estimator, log_ratio(z, eps, q_log_var, prior))
+    z, log_q = DiagNormal(*args.values()).sample_and_log_prob(seed=key,
+                                                              sample_shape=(num_samples,))
+    return estimate(estimator, prior.log_prob(z) - log_q)
 
 
 def sampled(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.ArrayLike,
             p_mean: jax.typing.ArrayLike = 0.0, p_log_var: jax.typing.ArrayLike = 0.0, *,
-            prior: Optional[Prior] = None, num_samples: int = 1,
+            prior=None, num_samples: int = 1,
             estimator: str = "k1") -> jax.Array:
     """Monte Carlo KL(q || p) from reparameterised z ~ q, averaged over num_samples.
 
@@ -255,7 +330,7 @@ def sampled(key: jax.Array, q_mean: jax.typing.ArrayLike, q_log_var: jax.typing.
       key: a PRNG key.
       q_mean, q_log_var: posterior parameters, shape [..., dim].
       p_mean, p_log_var: Gaussian prior parameters broadcastable to [..., dim].
-      prior: alternatively any prior with `log_prob`, e.g. `MixtureOfGaussians`.
+      prior: alternatively any prior with `log_prob`, e.g. a `MixtureOfGaussians`.
       num_samples: draws of z per sample (static int >= 1).
       estimator: "k1", "k2" or "k3".
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
+from vaekl.distributions import FullNormal
+
 
 class LinearGaussian(NamedTuple):
     """Parameters of p(z) = N(0, I_k), p(x | z) = N(W z + b, diag(s^2)).
@@ -48,20 +50,6 @@ class LinearGaussian(NamedTuple):
     def latent_dim(self) -> int:
         """k, the dimension of z."""
         return self.w.shape[1]
-
-
-class GaussianPosterior(NamedTuple):
-    """The exact posterior p(z | x) = N(mean, cov).
-
-    Attributes:
-      mean: posterior means, [..., k] (one per x).
-      cov: posterior covariance M^-1, [k, k] (the same for every x).
-      scale_tril: lower Cholesky factor of `cov`, [k, k].
-    """
-
-    mean: jnp.ndarray
-    cov: jnp.ndarray
-    scale_tril: jnp.ndarray
 
 
 def make_model(
@@ -147,7 +135,7 @@ def log_marginal(model: LinearGaussian, x: jnp.ndarray) -> jnp.ndarray:
     return -0.5 * (mahalanobis + log_det + model.obs_dim * jnp.log(2.0 * jnp.pi))
 
 
-def posterior(model: LinearGaussian, x: jnp.ndarray) -> GaussianPosterior:
+def posterior(model: LinearGaussian, x: jnp.ndarray) -> FullNormal:
     """Exact posterior p(z | x) = N(M^-1 W^T S^-1 (x - b), M^-1), S = diag(s^2).
 
     Args:
@@ -155,7 +143,8 @@ def posterior(model: LinearGaussian, x: jnp.ndarray) -> GaussianPosterior:
       x: observations, [..., d].
 
     Returns:
-      The posterior: mean [..., k], cov and scale_tril [k, k].
+      The posterior, a `FullNormal`: mean [..., k] and scale_tril [k, k] (the lower
+      Cholesky factor of M^-1, the same for every x; `covariance()` gives M^-1).
     """
     w = jnp.asarray(model.w)
     w_over_var = w / noise_var(model)[:, None]  # S^-1 W, [d, k].
@@ -166,4 +155,4 @@ def posterior(model: LinearGaussian, x: jnp.ndarray) -> GaussianPosterior:
     )
     centred = jnp.asarray(x) - jnp.asarray(model.b)
     mean = centred @ w_over_var @ cov  # cov is symmetric: (M^-1 W^T S^-1 r)^T = r^T S^-1 W M^-1.
-    return GaussianPosterior(mean=mean, cov=cov, scale_tril=jnp.linalg.cholesky(cov))
+    return FullNormal(mean=mean, scale_tril=jnp.linalg.cholesky(cov))

@@ -4,7 +4,8 @@ Networks are configured, not coded: `hidden=(500,)` with ReLU is the Flax
 example's 784-500-20 net, `hidden=(200, 200)` with tanh the IWAE net, and
 `hidden=()` a linear encoder/decoder. `kind="conv"` gives a small conv net for
 image data. The encoder's posterior family (`posterior`: "diag", "full" or
-"iaf") and the VampPrior are those of `vaekl.posteriors`.
+"iaf") and the VampPrior are those of `vaekl.posteriors`; the priors are
+`vaekl.distributions`' (`PRIORS` maps `config.prior`'s names to their classes).
 """
 
 import math
@@ -15,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from vaekl import posteriors
-from vaekl.priors import DiagNormal, MixtureOfGaussians, gaussian_log_prob
+from vaekl.distributions import (STANDARD_NORMAL, DiagNormal, MixtureOfGaussians,
+                                 gaussian_log_prob)
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "elu": nn.elu, "gelu": nn.gelu,
                "softplus": nn.softplus, "silu": nn.silu}
-PRIORS = ("standard", "learned", "mixture", "vamp")
-GAUSSIAN_PRIORS = ("standard", "learned")
+PRIORS = {"standard": DiagNormal, "learned": DiagNormal, "mixture": MixtureOfGaussians,
+          "vamp": MixtureOfGaussians}
 LIKELIHOODS = ("bernoulli", "gaussian")
 KINDS = ("mlp", "conv")
 INITS = ("lecun", "torch")
@@ -195,8 +197,8 @@ class VAE(nn.Module):
         out = self._encoder_out(x)
         return out[..., :self.latents], out[..., self.latents:2 * self.latents]
 
-    def encode_posterior(self, x) -> posteriors.Posterior:
-        """x [..., D] -> q(z|x) as a `vaekl.posteriors` family with batch shape [...]."""
+    def encode_posterior(self, x):
+        """x [..., D] -> q(z|x), a `vaekl.posteriors.FAMILIES` class with batch shape [...]."""
         steps = self.iaf if self.posterior == "iaf" else ()
         return posteriors.from_encoder(self.posterior, self._encoder_out(x), self.latents, steps)
 
@@ -216,14 +218,14 @@ class VAE(nn.Module):
         return self.log_scale if self.fixed_log_scale is None else self.fixed_log_scale
 
     def get_prior(self):
-        """The prior as a `vaekl.priors` pytree."""
+        """The prior, a `vaekl.distributions` pytree of the class `PRIORS[self.prior]`."""
         if self.prior == "learned":
             return DiagNormal(self.prior_mean, self.prior_log_var)
         if self.prior == "mixture":
             return MixtureOfGaussians(self.prior_logits, self.prior_means, self.prior_log_vars)
         if self.prior == "vamp":
             return posteriors.vamp_prior(self.encode_posterior(self.pseudo_inputs))
-        return DiagNormal(0.0, 0.0)
+        return STANDARD_NORMAL
 
     def __call__(self, x, z):
         """Touches every parameter (for `init`): x [B, D], z [B, latents]."""

@@ -37,18 +37,18 @@ def make_loss_fn(model: models.VAE, config):
 
     `config.objective` "elbo" is the ELBO of the posterior family `config.posterior`
     with the KL term `config.kl` (and beta, KL warm-up, free bits); the others are
-    `vaekl.bounds` objectives, whose loss is minus the bound and whose gradient is
-    `config.grad_estimator`'s.
+    `vaekl.bounds` objectives of the same q, whose loss is minus the bound and whose
+    gradient is `config.grad_estimator`'s.
     """
     kl_term, num_samples = config.kl, config.num_samples
     beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
 
     def bound_loss_fn(params, x, key, step):
         del step
-        mean, log_var = model.apply(params, x, method=models.VAE.encode)
+        q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        out = bounds.objective(key, mean, log_var, log_lik, prior, objective=config.objective,
+        out = bounds.objective(key, q, log_lik, prior, objective=config.objective,
                                num_samples=num_samples, grad_estimator=config.grad_estimator,
                                outer_samples=config.outer_samples, alpha=config.renyi_alpha,
                                beta=config.ciwae_beta)
@@ -63,7 +63,7 @@ def make_loss_fn(model: models.VAE, config):
         q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        bound = elbo.posterior_elbo(key, q, log_lik, prior, kl=kl_term, num_samples=num_samples)
+        bound = elbo.elbo(key, q, log_lik, prior, kl=kl_term, num_samples=num_samples)
         beta_t = beta * jnp.minimum(1.0, (step + 1) / warmup) if warmup else beta
         if free_bits:
             # Kingma et al. (2016): each dimension's batch-mean KL counts at least free_bits.

@@ -126,6 +126,45 @@ def _one_of(subject: str, value, allowed: Iterable[str]) -> str:
     return value
 
 
+def distribution(fn_name: str, name: str, dist, methods=("sample_and_log_prob", "log_prob")):
+    """Checks that `dist` has the `vaekl.distributions` interface's `methods` (a TypeError
+    naming `name` otherwise), and records finiteness checks (see `finite`) of its floating
+    leaves, named like `q.mean`. Returns `dist`."""
+    missing = [m for m in methods if not callable(getattr(dist, m, None))]
+    if missing:
+        raise TypeError(f"{fn_name}: `{name}` must be a distribution with {', '.join(methods)}"
+                        f" (see vaekl.distributions), got {type(dist).__name__}.")
+    leaves = jax.tree_util.tree_flatten_with_path(dist)[0]
+    finite(fn_name, **{name + jax.tree_util.keystr(path): x for path, x in leaves
+                       if jnp.issubdtype(jnp.result_type(x), jnp.floating)})
+    return dist
+
+
+def bound_inputs(fn_name: str, key, q, log_likelihood, prior, num_samples):
+    """The checks of every bound (`vaekl.elbo`, `vaekl.bounds`): returns (prior, num_samples),
+    a None prior being the standard normal; a TypeError or ValueError names the argument."""
+    from vaekl.distributions import STANDARD_NORMAL  # Not at import: it imports this module.
+
+    num_samples = positive_int(fn_name, "num_samples", num_samples)
+    prng_key(fn_name, key)
+    if not callable(log_likelihood):
+        raise TypeError(f"{fn_name}: `log_likelihood` must be a function z -> log p(x|z), got"
+                        f" {type(log_likelihood).__name__}.")
+    distribution(fn_name, "q", q)
+    prior = STANDARD_NORMAL if prior is None else prior
+    return distribution(fn_name, "prior", prior, methods=("log_prob",)), num_samples
+
+
+def log_likelihood(fn_name: str, fn: Callable, z: jax.Array) -> jax.Array:
+    """fn(z), checked to be one log p(x|z) per draw: z [S, ..., dim] -> [S, ...]."""
+    out = fn(z)
+    if jnp.shape(out) != z.shape[:-1]:
+        raise ValueError(
+            f"{fn_name}: `log_likelihood` must map z of shape {list(z.shape)} to shape"
+            f" {list(z.shape[:-1])} (one log p(x|z) per draw), got {list(jnp.shape(out))}.")
+    return out
+
+
 def finite(fn_name: str, **arrays) -> None:
     """Records NaN/inf checks that only fire under `vaekl.checked`."""
     for name, x in arrays.items():

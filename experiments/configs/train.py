@@ -7,11 +7,14 @@ Run:
 An argument after the file name (`train.py:flax`) picks one of `PRESETS`. The fields
 and presets live in the package, `vaekl/config.py`, so that an installed vaekl (a
 notebook) has them too. Posterior families and priors without a closed-form KL
-(vaekl.posteriors):
+(vaekl.posteriors; the KL terms each pair allows: vaekl.kl.terms):
 
   --config.posterior=full --config.kl=entropy      full-covariance Gaussian q
   --config.posterior=iaf --config.iaf_steps=2      inverse autoregressive flow (kl k1, k3, stl)
   --config.prior=vamp --config.num_pseudo_inputs=500 --config.kl=k1   the VampPrior
+
+Every bound of vaekl.bounds takes every family and prior, e.g. IWAE-DReG with a flow:
+  --config.objective=iwae --config.grad_estimator=dreg --config.num_samples=5 --config.posterior=iaf
 """
 
 from vaekl.config import PRESETS, get_config  # noqa: F401  (this file's config)

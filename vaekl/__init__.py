@@ -15,7 +15,7 @@ __all__ = ["checked", "distributions", "elbo", "kl", "posteriors"]
 __version__ = "0.1.0"
 
 # The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.
-LAZY_MODULES = ("bounds", "checkpoint", "config", "data", "distributed", "evaluate", "interrupt",
+LAZY_MODULES = ("bounds", "categorical", "checkpoint", "config", "data", "distributed", "evaluate", "interrupt",
                 "linear_gaussian", "logs", "models", "prepare", "progress", "steps", "train",
                 "validate", "workdir")
 

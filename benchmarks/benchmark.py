@@ -194,23 +194,7 @@ def torch_epoch(steps, compiled):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     data = torch.from_numpy(_fake_binary_data(steps * BATCH)).view(steps, BATCH, DIM)
 
-    def step(x):
-        opt.zero_grad(set_to_none=True)
-        loss = model(x)
-        loss.backward()
-        opt.step()
-        return loss
-
-    if compiled:
-        step = torch.compile(step)
-    for i in range(3):
-        step(data[i])
-
-    def run():
-        for i in range(steps):
-            step(data[i])
-
-    return run
+    return burda.torch_steps(model, opt, data, compiled)
 
 
 def bench_iwae(images, samples, repeats):

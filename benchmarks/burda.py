@@ -172,7 +172,13 @@ def torch_epoch(objective, k, steps, compiled):
         bound = (w**2 * u).sum(0) + ((w - w**2) * u_dec).sum(0)
         return -bound.sum() / x.shape[0]
 
-    loss_fn = vae_loss if objective == "elbo" else dreg_loss
+    return torch_steps(vae_loss if objective == "elbo" else dreg_loss, opt, data, compiled)
+
+
+def torch_steps(loss_fn, opt, data, compiled: bool):
+    """run() = one PyTorch optimiser step of `loss_fn` on each of data[0], data[1], ...;
+    the step function eager or `torch.compile`d, warmed up on three batches first."""
+    import torch
 
     def step(x):
         opt.zero_grad(set_to_none=True)
@@ -187,8 +193,8 @@ def torch_epoch(objective, k, steps, compiled):
         step(data[i])
 
     def run():
-        for i in range(steps):
-            step(data[i])
+        for x in data:
+            step(x)
 
     return run
 

@@ -331,9 +331,9 @@ def write(prefix: Path, run_dirs) -> tuple[dict[str, Path], str]:
     Raises:
       ValueError: when no run belongs in the table (every one is left out).
     """
-    runs = [load_run(p) for p in run_dirs]
-    excluded = [(r["path"].name, left_out(r)) for r in runs if left_out(r)]
-    kept = [r for r in runs if not left_out(r)]
+    runs = [(r, left_out(r)) for r in map(load_run, run_dirs)]
+    excluded = [(r["path"].name, why) for r, why in runs if why]
+    kept = [r for r, why in runs if not why]
     if not kept:
         raise ValueError("--root: every finished study run is left out of the table: "
                          + "; ".join(f"{n} ({why})" for n, why in excluded))

@@ -89,7 +89,6 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["sweep", "root"])
 
 
-_LOCAL_ONLY = ("commit",)
 _SLURM_ONLY = ("partition", "time_min", "gpus", "cpus", "wait", "submitit_cluster", "nodes",
                "tasks_per_node")
 _LAUNCHED = (runs_lib.PENDING, runs_lib.INTERRUPTED)

@@ -40,24 +40,24 @@ def make_loss_fn(model: models.VAE, config):
     bits); the others are `vaekl.bounds` objectives of the same q, whose loss is minus the
     bound and whose gradient is `config.loss.grad_estimator`'s.
     """
-    config = config.loss
-    kl_term, num_samples = config.kl, config.num_samples
-    beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
+    loss_config = config.loss
+    kl_term, num_samples = loss_config.kl, loss_config.num_samples
+    beta, warmup, free_bits = loss_config.beta, loss_config.kl_warmup_steps, loss_config.free_bits
 
     def bound_loss_fn(params, x, key, step):
         del step
         q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        out = bounds.objective(key, q, log_lik, prior, objective=config.objective,
-                               num_samples=num_samples, grad_estimator=config.grad_estimator,
-                               outer_samples=config.outer_samples, alpha=config.renyi_alpha,
-                               beta=config.ciwae_beta)
+        out = bounds.objective(key, q, log_lik, prior, objective=loss_config.objective,
+                               num_samples=num_samples, grad_estimator=loss_config.grad_estimator,
+                               outer_samples=loss_config.outer_samples,
+                               alpha=loss_config.renyi_alpha, beta=loss_config.ciwae_beta)
         loss = -jnp.mean(out.bound)
         return loss, {"loss": loss, "bound": jnp.mean(out.bound), "elbo": jnp.mean(out.elbo),
                       "rate": jnp.mean(out.rate), "distortion": jnp.mean(out.distortion)}
 
-    if config.objective != "elbo":
+    if loss_config.objective != "elbo":
         return bound_loss_fn
 
     def loss_fn(params, x, key, step):

@@ -1,7 +1,7 @@
 """Input checks shared by the public functions and the config: dtypes, shapes, names, counts.
 
 Every message names what it checks: a function's argument ("vaekl.kl.sampled:
-`num_samples` must be >= 1") or a config field ("config.kl: unknown value").
+`num_samples` must be >= 1") or a config field ("config.loss.kl: unknown value").
 
 Shape and dtype checks run at trace time (they only read static information), so
 they cost nothing inside `jax.jit`. Finiteness is a value check: it is recorded

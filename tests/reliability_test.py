@@ -239,7 +239,8 @@ BAD_INPUTS = [
     case("cli/unprepared-tfds",
          _main(TRAIN, "--workdir={w}", "--config.data.dataset=mnist",
                "--config.data.data_dir={empty}"),
-         ["'mnist'", "not prepared", "config.data.data_dir", "python -m vaekl.prepare --dataset=mnist",
+         ["'mnist'", "not prepared", "config.data.data_dir",
+          "python -m vaekl.prepare --dataset=mnist",
           "--data_dir={empty}"]),
     case("cli/raw-files-as-data_dir",
          _main(TRAIN, "--workdir={w}", "--config.data.dataset=binarized_mnist",
@@ -510,8 +511,8 @@ def test_a_nan_example_stops_training_at_its_step(tmp_path, monkeypatch):
     _with_a_nan_example(monkeypatch, row)
     config = _linear_config()
     # The step whose batch holds the row: the first epoch's order, as train draws it.
-    order = jax.random.permutation(jax.random.fold_in(steps_lib.seed_keys(config.train.seed)["data"], 0),
-                                   5000)
+    data_key = steps_lib.seed_keys(config.train.seed)["data"]
+    order = jax.random.permutation(jax.random.fold_in(data_key, 0), 5000)
     step = int(np.flatnonzero(np.asarray(order) == row)[0]) // config.train.batch_size + 1
     with pytest.raises(train.TrainingDiverged,
                        match=rf"at step {step}: metrics 'loss' is nan.*checkpoint \(none\)"):

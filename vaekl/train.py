@@ -246,7 +246,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            dataset=config.data.dataset, kl=config.loss.kl,
                            num_samples=config.loss.num_samples, objective=config.loss.objective,
                            grad_estimator=config.loss.grad_estimator,
-                           outer_samples=config.loss.outer_samples, seed=seed, num_seeds=num_seeds, devices=len(devices),
+                           outer_samples=config.loss.outer_samples, seed=seed,
+                           num_seeds=num_seeds, devices=len(devices),
                            processes=jax.process_count(), platform=devices[0].platform)
             if primary:
                 workdir_lib.write_per_example(work, per_example)

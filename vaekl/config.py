@@ -23,7 +23,7 @@ so the old name `F` of a field is `config.<group>.F` now (`leaves` and `nest` co
            checkpoint_every_epochs, checkpoint_every_secs, keep_checkpoints
   eval     eval_importance_samples, eval_importance_samples_during, eval_elbo_samples,
            eval_batch_size, eval_examples, eval_chunk_size, eval_every_epochs
-  (top)    experiment
+  top      experiment
 
 results.json keeps its keys (`kl`, `num_samples`, `seed`, ...). A workdir whose
 config.json is flat (written before the nesting) resumes: `vaekl.workdir` compares

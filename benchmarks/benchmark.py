@@ -49,8 +49,8 @@ BATCH, DIM, HIDDEN, LATENTS = 128, 784, 500, 20
 PAUSE_S = 0.5  # Between interleaved contenders (longer than OpenMP's 200 ms spin-wait).
 # The Flax example's model, batch and Adam, with PyTorch's initialisation and a cosine decay
 # from 2e-3 (instead of a constant 1e-3): the same 10 epochs end about 2 nats higher.
-TIME_TO_ELBO_OVERRIDES = ("--config.init=torch", "--config.learning_rate=2e-3",
-                          "--config.schedule=cosine")
+TIME_TO_ELBO_OVERRIDES = ("--config.model.init=torch", "--config.optim.learning_rate=2e-3",
+                          "--config.optim.schedule=cosine")
 
 
 def _timeit(fns: dict, repeats: int) -> dict:
@@ -88,11 +88,11 @@ def _python(code: str, *args) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def _train_config(**overrides):
+def _train_config(num_seeds=1):
     from experiments.configs import train as train_config
 
     config = train_config.get_config("flax")
-    config.update(overrides)
+    config.train.num_seeds = num_seeds
     return config
 
 
@@ -213,7 +213,7 @@ def bench_iwae(images, samples, repeats):
 
     config = _train_config()
     model = models.VAE(latents=LATENTS, data_dim=DIM, hidden=(HIDDEN,))
-    batch = min(config.eval_batch_size, images)
+    batch = min(config.eval.eval_batch_size, images)
     num_batches = -(-images // batch)
     x = _fake_binary_data(num_batches * batch, 1).reshape(num_batches, batch, DIM)
     params = model.init(jax.random.key(0), jnp.zeros((1, DIM)), jnp.zeros((1, LATENTS)))
@@ -224,7 +224,7 @@ def bench_iwae(images, samples, repeats):
         q = model.apply(params, x, method=models.VAE.encode_posterior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
         return bounds.iwae(key, q, log_lik, num_samples=samples,
-                           chunk_size=config.eval_chunk_size)
+                           chunk_size=config.eval.eval_chunk_size)
 
     def run():
         for i in range(num_batches):
@@ -269,7 +269,8 @@ def bench_time_to_elbo(data_dir, out, target=-103.6):
     """Whole-process wall time of the Flax-example training until test ELBO >= target."""
     workdir = Path(out) / "time_to_elbo_run"
     cmd = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/train.py:flax",
-           f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.eval_every_epochs=1",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+           "--config.eval.eval_every_epochs=1",
            *TIME_TO_ELBO_OVERRIDES]
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)

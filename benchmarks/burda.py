@@ -37,9 +37,10 @@ def _config(objective, k, num_seeds=1):
     from experiments.configs import train as train_config
 
     config = train_config.get_config("iwae")
-    config.num_seeds = num_seeds
+    config.train.num_seeds = num_seeds
     if objective != "elbo":
-        config.objective, config.num_samples, config.grad_estimator = objective, k, "dreg"
+        config.loss.objective, config.loss.num_samples, config.loss.grad_estimator = (
+            objective, k, "dreg")
     return config
 
 

@@ -16,7 +16,7 @@ Models:
       p(x|z) = N(z, I), q(z|x) = N(A x + b, 2/3 I). The decoder parameter is mu; the
       encoder's A and b are moved off their optimum A* = I/2, b* = mu/2 by draws of
       N(0, s^2) for each s in `toy_perturbations` (one checkpoint per s).
-  vae           a Bernoulli VAE (`config.train`) on its data set at initialisation
+  vae           a Bernoulli VAE (`config.vae`) on its data set at initialisation
       and after `config.vae_epochs` epochs of the ELBO, trained with train.py's own
       initialisation and epoch; the fixed batch is the first test images.
 
@@ -187,8 +187,8 @@ def vae_rows(config, key) -> list:
 
     trained = f"epochs={config.vae_epochs}"
     model, _, checkpoints = gradient_variance.vae_checkpoints(
-        config.train, {"init": 0, trained: config.vae_epochs})
-    _, test = train.load_data(config.train)
+        config.vae, {"init": 0, trained: config.vae_epochs})
+    _, test = train.load_data(config.vae)
     x = jnp.asarray(test.x[: config.vae_batch_size])
 
     def loss_for(k, estimator):
@@ -204,7 +204,7 @@ def vae_rows(config, key) -> list:
     for i, (name, params) in enumerate(checkpoints.items()):
         rows += _snr_rows("vae", name, loss_for, split, params,
                           jax.random.fold_in(key, i), config, config.vae_draws,
-                          config.vae_batch_size * (sum(config.train.hidden) + x.shape[-1]),
+                          config.vae_batch_size * (sum(config.vae.model.hidden) + x.shape[-1]),
                           config.vae_num_importance)
     return rows
 

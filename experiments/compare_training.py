@@ -1,7 +1,7 @@
 """Training with each KL term: final test ELBO and log-likelihood, wall time, learning curves.
 
-One model and data set (`config.train`) trained once per (KL term, num_samples),
-each with `config.train.num_seeds` seeds vmapped in one program, by
+One model and data set (`config.vae`) trained once per (KL term, num_samples),
+each with `config.vae.train.num_seeds` seeds vmapped in one program, by
 `vaekl.train.train_and_evaluate(train_config, workdir/runs/<kl>_n<num_samples>)`.
 A finished run (results.json written, same config) is read, not retrained, so a rerun
 resumes where it stopped.
@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments import report
 from experiments.moments import Moments
+from vaekl import config as config_lib
 
 COLUMNS = ("kl", "num_samples", "test_elbo_mean", "test_elbo_std", "test_log_likelihood_mean",
            "test_log_likelihood_std", "test_rate_mean", "active_units_mean", "train_wall_s",
@@ -38,8 +39,8 @@ def run_name(kl: str, num_samples: int) -> str:
 
 
 def train_config(config, kl: str, num_samples: int):
-    cfg = config.train.copy_and_resolve_references()
-    cfg.kl, cfg.num_samples = kl, int(num_samples)
+    cfg = config.vae.copy_and_resolve_references()
+    cfg.loss.kl, cfg.loss.num_samples = kl, int(num_samples)
     return cfg
 
 
@@ -74,7 +75,9 @@ def finished_results(sub: Path, cfg):
     results, saved = sub / "results.json", sub / "config.json"
     if not (results.exists() and saved.exists()):
         return None
-    if json.loads(saved.read_text()) != json.loads(cfg.to_json_best_effort()):
+    # Leaf by leaf: a config.json of the flat layout (before the config was nested) counts.
+    if config_lib.leaves(json.loads(saved.read_text())) != config_lib.leaves(
+            json.loads(cfg.to_json_best_effort())):
         return None
     return json.loads(results.read_text())
 
@@ -111,11 +114,12 @@ def run(config, workdir: str) -> dict:
             row.update(seed_figures(results, SEED_FIELDS))
             rows.append(row)
             curves[(kl, int(n))] = read_curves(sub / "metrics.jsonl")
-    cfg = config.train
-    results = {"experiment": "compare_training", "rows": rows, "dataset": cfg.dataset,
-               "num_epochs": cfg.num_epochs, "num_seeds": cfg.num_seeds,
-               "eval_importance_samples": cfg.eval_importance_samples,
-               "steps_per_epoch": rows[0]["steps"] // max(cfg.num_epochs, 1) if rows else None}
+    cfg = config.vae
+    results = {"experiment": "compare_training", "rows": rows, "dataset": cfg.data.dataset,
+               "num_epochs": cfg.train.num_epochs, "num_seeds": cfg.train.num_seeds,
+               "eval_importance_samples": cfg.eval.eval_importance_samples,
+               "steps_per_epoch": (rows[0]["steps"] // max(cfg.train.num_epochs, 1) if rows
+                                   else None)}
     report.publish(workdir, results, _markdown(results, config),
                    report.markdown_table(rows, COLUMNS))
     _plot(curves, results, workdir / "learning_curves.png")
@@ -123,14 +127,15 @@ def run(config, workdir: str) -> dict:
 
 
 def _markdown(results, config) -> str:
-    cfg = config.train
+    cfg = config.vae
     return (
         "# Training with each KL term\n\n"
-        f"`{cfg.dataset}`, {cfg.latents} latents, hidden {tuple(cfg.hidden)} {cfg.activation},"
-        f" batch {cfg.batch_size}, Adam {cfg.learning_rate}, {cfg.num_epochs} epochs,"
-        f" {cfg.num_seeds} seeds (seed {cfg.seed}, ...). `kl` is the KL term trained with and"
+        f"`{cfg.data.dataset}`, {cfg.model.latents} latents, hidden {tuple(cfg.model.hidden)}"
+        f" {cfg.model.activation}, batch {cfg.train.batch_size}, Adam {cfg.optim.learning_rate},"
+        f" {cfg.train.num_epochs} epochs, {cfg.train.num_seeds} seeds (seed {cfg.train.seed},"
+        " ...). `kl` is the KL term trained with and"
         " `num_samples` the draws of z per example; evaluation is the same for every run: test"
-        f" ELBO with the analytic KL, and the IWAE bound with {cfg.eval_importance_samples}"
+        f" ELBO with the analytic KL, and the IWAE bound with {cfg.eval.eval_importance_samples}"
         " samples as `test_log_likelihood` (nats per example; `*_mean` is the mean over seeds"
         " ± its standard error, std/sqrt(seeds) with ddof 1, and `*_std` the seeds' std)."
         " `train_wall_s` is the time in training epochs, all seeds together.\n\n"

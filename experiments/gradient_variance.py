@@ -23,7 +23,7 @@ the same left-out group for both terms).
 `batch_elbo_se` is the std of the draws' losses over sqrt(num_draws).
 
 Models and checkpoints:
-  vae / init, early, converged    a VAE on `digits` (`config.train`) after 0,
+  vae / init, early, converged    a VAE on `digits` (`config.vae`) after 0,
       `early_epochs` and `converged_epochs` epochs of training with train.py's own
       initialisation and jitted epoch.
   linear_gaussian / exact_posterior    p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I)
@@ -146,22 +146,22 @@ def vae_checkpoints(train_config, epochs: dict):
     from vaekl import train
 
     cfg = train_config.copy_and_resolve_references()
-    cfg.num_epochs = max(epochs.values())
+    cfg.train.num_epochs = max(epochs.values())
     train_data, _ = train.load_data(cfg)
     model = train.create_model(cfg, train_data)
-    steps_per_epoch = len(train_data) // cfg.batch_size
+    steps_per_epoch = len(train_data) // cfg.train.batch_size
     tx = train.create_optimizer(cfg, steps_per_epoch)
-    keys = steps_lib.seed_keys(cfg.seed)
+    keys = steps_lib.seed_keys(cfg.train.seed)
     state = steps_lib.init_state(model, tx, cfg, keys["init"], train_data.dim)
     train_x = jnp.asarray(train_data.x)
     epoch_fn = jax.jit(steps_lib.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
                                            binarize=train_data.dynamic_binarization))
     out = {}
-    progress = Progress("gradient variance: training the VAE", cfg.num_epochs, unit="epochs",
+    progress = Progress("gradient variance: training the VAE", cfg.train.num_epochs, unit="epochs",
                         quiet_s=5.0)
-    for epoch in range(cfg.num_epochs + 1):
+    for epoch in range(cfg.train.num_epochs + 1):
         out.update({name: state.params for name, e in epochs.items() if e == epoch})
-        if epoch < cfg.num_epochs:
+        if epoch < cfg.train.num_epochs:
             state, _ = epoch_fn(state, keys, epoch, train_x)
             jax.block_until_ready(state)
             progress.advance(1)
@@ -173,13 +173,13 @@ def vae_rows(config, key) -> list:
     from vaekl import steps as steps_lib
     from vaekl import train
 
-    _, test = train.load_data(config.train)
+    _, test = train.load_data(config.vae)
     x = jnp.asarray(test.x[: config.batch_size])  # The first test images (binarised at load).
-    model, cfg, checkpoints = vae_checkpoints(config.train, checkpoint_epochs(config))
+    model, cfg, checkpoints = vae_checkpoints(config.vae, checkpoint_epochs(config))
     grad_fns = {}
     for estimator in config.estimators:
         cfg_e = cfg.copy_and_resolve_references()
-        cfg_e.kl, cfg_e.num_samples = estimator, config.num_samples
+        cfg_e.loss.kl, cfg_e.loss.num_samples = estimator, config.num_samples
         loss_fn = steps_lib.make_loss_fn(model, cfg_e)
         grad_fns[estimator] = make_grad_fn(
             lambda p, k, loss_fn=loss_fn: loss_fn(p, x, k, 0)[0],
@@ -323,8 +323,8 @@ def _markdown(results, config) -> str:
         " SNR is left empty. Each estimated figure is `value ± SE`: a delete-a-group jackknife"
         f" over {min(NUM_GROUPS, config.num_draws)} groups of draws (`batch_elbo`: std of the"
         " draws' losses / sqrt(num_draws)).\n\n"
-        f"VAE: `{config.train.dataset}`, {config.train.latents} latents, hidden"
-        f" {tuple(config.train.hidden)}, trained with kl={config.train.kl!r} ({epochs}).\n"
+        f"VAE: `{config.vae.data.dataset}`, {config.vae.model.latents} latents, hidden"
+        f" {tuple(config.vae.model.hidden)}, trained with kl={config.vae.loss.kl!r} ({epochs}).\n"
         "Linear-Gaussian: d = {d}, k = {k}, s = {s}, W = Q diag(c) with orthonormal Q so that a"
         " diagonal q can equal p(z|x) (`exact_posterior`); `perturbed_posterior` moves the"
         " encoder off it. Computed in {dtype}. At the exact posterior the expected encoder"

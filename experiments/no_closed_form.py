@@ -3,15 +3,15 @@
 For each (posterior family, prior) pair of `config.pairs` (`vaekl.posteriors`:
 diag, full, iaf; priors standard, vamp, ...):
 
-(b) training: `config.train` trained with each KL term of `config.kls` that the
-    pair allows (`vaekl.kl.terms`), `train.num_seeds` seeds in one
+(b) training: `config.vae` trained with each KL term of `config.kls` that the
+    pair allows (`vaekl.kl.terms`), `vae.train.num_seeds` seeds in one
     program, by `vaekl.train.train_and_evaluate(cfg, workdir/runs/<posterior>_<prior>_<kl>)`
     (a finished run with the same config is read, not retrained). Rows: test ELBO
     (analytic KL where the pair has one, k1 otherwise), the IWAE test
-    log-likelihood with `train.eval_importance_samples` draws, active units and
+    log-likelihood with `vae.eval.eval_importance_samples` draws, active units and
     rate, as mean and std (ddof 0) over seeds.
 (a) estimators: at the model trained with kl = `config.estimate_kl` (seed
-    `train.seed`), on the first `num_examples` test examples, every KL term the pair
+    `vae.train.seed`), on the first `num_examples` test examples, every KL term the pair
     allows:
       kl_reference     the closed form where there is one; otherwise the mean of
                        `reference_draws` single draws of the lowest-variance unbiased
@@ -65,8 +65,8 @@ def pair_terms(posterior: str, prior: str, kls) -> tuple[str, ...]:
 
 
 def train_config(config, posterior: str, prior: str, kl: str):
-    cfg = config.train.copy_and_resolve_references()
-    cfg.posterior, cfg.prior, cfg.kl = posterior, prior, kl
+    cfg = config.vae.copy_and_resolve_references()
+    cfg.model.posterior, cfg.model.prior, cfg.loss.kl = posterior, prior, kl
     return cfg
 
 
@@ -109,7 +109,7 @@ def _trained(config, workdir: Path, posterior, prior):
     cfg = train_config(config, posterior, prior, config.estimate_kl)
     train_data, test_data = train.load_data(cfg)
     model = train.create_model(cfg, train_data)
-    steps_per_epoch = len(train_data) // cfg.batch_size
+    steps_per_epoch = len(train_data) // cfg.train.batch_size
     tx = train.create_optimizer(cfg, steps_per_epoch)
     keys, init, _ = steps_lib.training_fns(model, cfg, tx, data_dim=train_data.dim,
                                        steps_per_epoch=steps_per_epoch,
@@ -122,7 +122,7 @@ def _trained(config, workdir: Path, posterior, prior):
     _, state = ckpt.restore_latest(template)
     ckpt.close()
     params = state.params
-    if cfg.num_seeds > 1:
+    if cfg.train.num_seeds > 1:
         params = jax.tree.map(lambda a: a[0], params)
     return model, cfg, params, jnp.asarray(test_data.x[: config.num_examples])
 
@@ -171,7 +171,7 @@ def _pair_fns(model, cfg, x, terms):
     losses = {}
     for t in terms:
         cfg_t = cfg.copy_and_resolve_references()
-        cfg_t.kl = t
+        cfg_t.loss.kl = t
         losses[t] = steps_lib.make_loss_fn(model, cfg_t)
 
     @jax.jit
@@ -211,7 +211,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
         terms = kl.terms(*config_lib.pair_types(posterior, prior))
         draws_of, closed_forms, grads = _pair_fns(model, cfg, x, terms)
         # Draws per call: about `bounds.CHUNK_ELEMENTS` latent values.
-        cap = max(1, bounds.CHUNK_ELEMENTS // x.shape[0] // cfg.latents)
+        cap = max(1, bounds.CHUNK_ELEMENTS // x.shape[0] // cfg.model.latents)
         sampled = tuple(t for t in terms if t != "analytic")
         moments = _moments(draws_of(sampled), params, keys[0], config.num_draws,
                            min(config.num_draws, cap), f"{pair} KL draws")
@@ -260,10 +260,11 @@ def run(config, workdir: str) -> dict:
     workdir = report.prepare_workdir(workdir)
     training = training_rows(config, workdir)
     estimators = estimator_rows(config, workdir, jax.random.key(config.seed))
-    cfg = config.train
+    cfg = config.vae
     results = {"experiment": "no_closed_form", "estimators": estimators, "training": training,
-               "dataset": cfg.dataset, "num_epochs": cfg.num_epochs, "num_seeds": cfg.num_seeds,
-               "eval_importance_samples": cfg.eval_importance_samples,
+               "dataset": cfg.data.dataset, "num_epochs": cfg.train.num_epochs,
+               "num_seeds": cfg.train.num_seeds,
+               "eval_importance_samples": cfg.eval.eval_importance_samples,
                "estimate_kl": config.estimate_kl, "num_examples": config.num_examples}
     report.publish(workdir, results, _markdown(results, config),
                    report.markdown_table(estimators, ESTIMATOR_COLUMNS),
@@ -273,14 +274,15 @@ def run(config, workdir: str) -> dict:
 
 
 def _markdown(results, config) -> str:
-    cfg = config.train
+    cfg = config.vae
     return (
         "# Where the KL has no closed form\n\n"
-        f"`{cfg.dataset}`, {cfg.latents} latents, hidden {tuple(cfg.hidden)} {cfg.activation},"
-        f" batch {cfg.batch_size}, Adam {cfg.learning_rate}, {cfg.num_epochs} epochs,"
-        f" {cfg.num_seeds} seeds; IAF: {cfg.iaf_steps} steps, MADE hidden"
-        f" {tuple(cfg.iaf_hidden)}, context {cfg.iaf_context}; VampPrior:"
-        f" {cfg.num_pseudo_inputs} pseudo-inputs.\n\n"
+        f"`{cfg.data.dataset}`, {cfg.model.latents} latents, hidden {tuple(cfg.model.hidden)}"
+        f" {cfg.model.activation}, batch {cfg.train.batch_size}, Adam {cfg.optim.learning_rate},"
+        f" {cfg.train.num_epochs} epochs, {cfg.train.num_seeds} seeds; IAF:"
+        f" {cfg.model.iaf_steps} steps, MADE hidden"
+        f" {tuple(cfg.model.iaf_hidden)}, context {cfg.model.iaf_context}; VampPrior:"
+        f" {cfg.model.num_pseudo_inputs} pseudo-inputs.\n\n"
         "## KL terms at a trained model\n\n"
         f"Each pair's model trained with kl={config.estimate_kl!r}; the first"
         f" {config.num_examples} test examples. `kl_reference`: the closed form where there is"
@@ -299,10 +301,10 @@ def _markdown(results, config) -> str:
         + report.markdown_table(results["estimators"], ESTIMATOR_COLUMNS)
         + "\n## Training outcomes\n\n"
         "Test ELBO (analytic KL where the pair has one, k1 otherwise), IWAE log-likelihood"
-        f" with {cfg.eval_importance_samples} samples, active units (Cov_x E_q z > 0.01; for"
+        f" with {cfg.eval.eval_importance_samples} samples, active units (Cov_x E_q z > 0.01; for"
         " the flow the image of its base's mean) and rate, on"
-        f" {'the first ' + str(cfg.eval_examples) if cfg.eval_examples else 'all the'} test"
-        " examples; nats per example, mean and std over seeds, and `test_log_likelihood_se`"
+        f" {'the first ' + str(cfg.eval.eval_examples) if cfg.eval.eval_examples else 'all the'}"
+        " test examples; nats per example, mean and std over seeds, and `test_log_likelihood_se`"
         " the standard error over the test examples (a seed's, averaged over seeds): the"
         " examples are the same in every row, so differences between rows are paired and"
         " their error is smaller.\n\n"

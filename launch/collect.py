@@ -31,7 +31,7 @@ from absl import app, flags
 # (launch otherwise meets the runs only through command lines and files; this import brings
 # JAX, which a collection made once after the sweep can afford).
 from experiments.report import fmt, markdown_table
-from launch import study
+from launch import study, sweeps
 
 FLAGS = flags.FLAGS
 
@@ -91,8 +91,9 @@ def find_runs(root: Path) -> tuple[list[Path], list[Path]]:
 def run_rows(path: Path, swept: Sequence[str]) -> list[dict]:
     """The CSV rows of one finished run (one, or one per element of results' `rows`)."""
     record = _read(path / "launch.json") or {}
-    config = _flatten(_read(path / "config.json") or {})
-    overrides = _flatten(record.get("overrides", {}))
+    # Columns by leaf name (`config.kl`), nested config.json or flat (from before the nesting).
+    config = sweeps.leaves(_flatten(_read(path / "config.json") or {}))
+    overrides = sweeps.leaves(_flatten(record.get("overrides", {})))
     base = {"run": path.name}
     for field in swept:
         base[field] = config.get(field, overrides.get(field))
@@ -234,7 +235,7 @@ def _swept_fields(paths: Sequence[Path]) -> list[str]:
     fields = {}
     for path in paths:
         overrides = (_read(path / "launch.json") or {}).get("overrides", {})
-        fields.update(dict.fromkeys(sorted(overrides)))
+        fields.update(dict.fromkeys(sorted(sweeps.leaves(overrides))))
     return list(fields)
 
 

@@ -153,7 +153,10 @@ def check_matches(run: Run) -> None:
         return
     recorded = (record.get("config"), record.get("overrides"), record.get("fixed"))
     expected = json.loads(json.dumps((run.config, run.overrides, run.fixed)))
-    if list(recorded) != expected:
+    # By leaf names: a run recorded with the flat config's overrides ({"kl": ...}) is the
+    # same run as one of the nested config's ({"loss.kl": ...}).
+    if [recorded[0], *(sweeps.leaves(d or {}) for d in recorded[1:])] != [
+            expected[0], *(sweeps.leaves(d) for d in expected[1:])]:
         raise ValueError(
             f"--root: {run.workdir} holds a run of config {recorded[0]!r} with overrides"
             f" {recorded[1]} and fixed {recorded[2]}, not {run.config!r} with {run.overrides}"

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from launch import sweeps
+
 STUDY_CONFIG = "experiments/configs/burda.py"
 
 # Burda, Grosse & Salakhutdinov (2015), Table 1, MNIST, one stochastic layer, test NLL from
@@ -97,7 +99,9 @@ def label(key: tuple) -> str:
 def load_run(path) -> dict:
     """A finished run: its config, results, launch record, seeds and per-example figures."""
     path = Path(path)
-    config, results = _read(path / "config.json"), _read(path / "results.json")
+    # By leaf names: config.json is nested, or flat (runs from before the nesting).
+    config = sweeps.leaves(_read(path / "config.json"))
+    results = _read(path / "results.json")
     seeds = results.get("seeds") or [results]
     per_example = {}
     if (path / "per_example.npz").exists():
@@ -111,7 +115,7 @@ def load_run(path) -> dict:
 
 def left_out(run: dict) -> str | None:
     """Why a run stays out of the table (overrides beyond its row), or None."""
-    extra = sorted(set(run["record"].get("overrides", {})) - ROW_FIELDS)
+    extra = sorted(set(sweeps.leaves(run["record"].get("overrides", {}))) - ROW_FIELDS)
     if extra:
         return f"overriding {', '.join(extra)} (not the study's protocol)"
     if run["config"].get("eval_examples"):

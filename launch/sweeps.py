@@ -3,12 +3,13 @@
 A sweep is a config file (with an optional `:arg`) and a list of override dicts,
 one per run. The combinators build those lists:
 
-  product(kl=["analytic", "k3"], seed=[0, 1])      # 4 runs: every combination
-  zip_(latents=[2, 50], hidden=[(50,), (400,)])      # 2 runs: element-wise pairs
-  chain(product(kl=["k1"], seed=[0]), [{"kl": "k3", "beta": 0.5}])  # one after the other
-  product(zip_(latents=[2, 50], hidden=[(50,), (400,)]), seed=[0, 1])  # sweeps cross too
+  product(**{"loss.kl": ["analytic", "k3"], "train.seed": [0, 1]})  # 4 runs: every combination
+  zip_(**{"model.latents": [2, 50], "model.hidden": [(50,), (400,)]})  # 2: element-wise pairs
+  chain(product(**{"loss.kl": ["k1"]}), [{"loss.kl": "k3", "loss.beta": 0.5}])  # one, then other
+  product(zip_(**{"model.latents": [2, 50]}), **{"train.seed": [0, 1]})  # sweeps cross too
 
-Each run is named from its overrides, keys sorted, e.g. `kl=k3,num_samples=5,seed=1`:
+Fields are full paths of the nested config (`loss.kl`). Each run is named from its
+overrides by their leaf names, keys sorted, e.g. `kl=k3,num_samples=5,seed=1`:
 the name is its directory under the sweep's root, so it must stay stable between
 invocations (that is what makes a sweep resumable). `Sweep.fixed` holds overrides
 shared by every run; they are passed to each run but not part of its name.
@@ -110,8 +111,37 @@ def format_value(value: Any) -> str:
                      f" them, got {type(value).__name__}.")
 
 
+def leaf(field: str) -> str:
+    """The leaf name of a field: `loss.kl` -> `kl`."""
+    return field.rpartition(".")[2]
+
+
+def leaves(config: Mapping[str, Any]) -> dict:
+    """A config, nested (`{"loss": {"kl": "k3"}}`) or dotted (`{"loss.kl": "k3"}`), keyed by
+    its fields' leaf names (`{"kl": "k3"}`); a leaf name that two fields share keeps their
+    dotted paths. A train config's leaf names are unique (vaekl/config.py), so its flat
+    layout of before (config.json and overrides `{"kl": "k3"}`) reads the same."""
+    dotted = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, Mapping) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                dotted[f"{prefix}{k}"] = v
+
+    walk(config, "")
+    count = {}
+    for k in dotted:
+        count[leaf(k)] = count.get(leaf(k), 0) + 1
+    return {(leaf(k) if count[leaf(k)] == 1 else k): v for k, v in dotted.items()}
+
+
 def run_name(overrides: Mapping[str, Any]) -> str:
     """The directory name of a run: `key=value` pairs, keys sorted, joined by commas.
+
+    Keys are leaf names (`loss.kl=k3` is named `kl=k3`): the names of runs stay those of
+    the flat config of before, so that a sweep's committed runs are found again.
 
     Characters outside [A-Za-z0-9._+-] in values become `_`; tuple elements are joined
     by `_`. Names longer than 200 characters are cut and end in a hash of the full name.
@@ -119,6 +149,7 @@ def run_name(overrides: Mapping[str, Any]) -> str:
     """
     if not overrides:
         return "base"
+    overrides = leaves(overrides)
     name = ",".join(f"{k}={_name_value(overrides[k])}" for k in sorted(overrides))
     if len(name) > _MAX_NAME:
         digest = hashlib.sha1(name.encode()).hexdigest()[:12]
@@ -183,26 +214,29 @@ class Sweep:
 
 
 _KL_TERMS = ["analytic", "k1", "k3", "stl"]
-_DIGITS = {"dataset": "digits"}
+_DIGITS = {"data.dataset": "digits"}
 _TINY_ESTIMATORS = {"num_draws": 2000, "schulman_draws": 2000, "histogram_draws": 2000}
 
 
 def _burda_rows() -> list[Overrides]:
     """The study's rows at K <= 5 (Burda et al.'s protocol): VAE k = 1 with each KL term over
     3 seeds, VAE and IWAE (reparam, STL, DReG) k = 5 over 2."""
-    vae1 = product(kl=_KL_TERMS, objective=["elbo"], num_samples=[1], num_seeds=[3])
-    vae5 = [{"kl": "analytic", "objective": "elbo", "num_samples": 5, "num_seeds": 2}]
-    iwae5 = product(objective=["iwae"], num_samples=[5],
-                    grad_estimator=["reparam", "stl", "dreg"], num_seeds=[2])
+    vae1 = product(**{"loss.kl": _KL_TERMS, "loss.objective": ["elbo"], "loss.num_samples": [1],
+                      "train.num_seeds": [3]})
+    vae5 = [{"loss.kl": "analytic", "loss.objective": "elbo", "loss.num_samples": 5,
+             "train.num_seeds": 2}]
+    iwae5 = product(**{"loss.objective": ["iwae"], "loss.num_samples": [5],
+                       "loss.grad_estimator": ["reparam", "stl", "dreg"], "train.num_seeds": [2]})
     return chain(vae1, vae5, iwae5)
 
 
 def _burda_k50_rows() -> list[Overrides]:
     """The study's K = 50 rows, VAE and IWAE (reparam, DReG), 2 seeds: a sweep of their own
     under `short`, so that rerunning `burda_short` never starts hours of K = 50 training."""
-    return chain([{"kl": "analytic", "objective": "elbo", "num_samples": 50, "num_seeds": 2}],
-                 product(objective=["iwae"], num_samples=[50],
-                         grad_estimator=["reparam", "dreg"], num_seeds=[2]))
+    return chain([{"loss.kl": "analytic", "loss.objective": "elbo", "loss.num_samples": 50,
+                   "train.num_seeds": 2}],
+                 product(**{"loss.objective": ["iwae"], "loss.num_samples": [50],
+                            "loss.grad_estimator": ["reparam", "dreg"], "train.num_seeds": [2]}))
 
 
 # The KL terms of each (posterior, prior) pair of `no_closed_form`: what `vaekl.kl.terms` answers
@@ -220,17 +254,18 @@ NO_CLOSED_FORM_TERMS = {
 SWEEPS: dict[str, Sweep] = {
     "smoke": Sweep(
         config="experiments/configs/train.py:quick",
-        runs=product(kl=_KL_TERMS, seed=[0, 1]),
+        runs=product(**{"loss.kl": _KL_TERMS, "train.seed": [0, 1]}),
         fixed=_DIGITS,
         description="a few seconds per run: every KL term x 2 seeds on digits"),
     "compare_training": Sweep(
         config="experiments/configs/train.py",
-        runs=product(kl=_KL_TERMS, num_samples=[1, 5], seed=[0, 1, 2]),
+        runs=product(**{"loss.kl": _KL_TERMS, "loss.num_samples": [1, 5],
+                        "train.seed": [0, 1, 2]}),
         fixed=_DIGITS,
         description="KL term x samples per step x 3 seeds on digits"),
     "latents": Sweep(
         config="experiments/configs/train.py",
-        runs=product(latents=[2, 5, 10, 20, 50], seed=[0, 1, 2]),
+        runs=product(**{"model.latents": [2, 5, 10, 20, 50], "train.seed": [0, 1, 2]}),
         fixed=_DIGITS,
         description="latent dimension x 3 seeds on digits (analytic KL)"),
     "estimators_smoke": Sweep(
@@ -253,9 +288,10 @@ SWEEPS: dict[str, Sweep] = {
         description="the study's K = 50 rows, 40 epochs on mnist (hours of CPU per row)"),
     "no_closed_form": Sweep(
         config="experiments/configs/train.py:quick",
-        runs=chain(*[product(posterior=[q], prior=[p], kl=terms)
+        runs=chain(*[product(**{"model.posterior": [q], "model.prior": [p], "loss.kl": terms})
                      for (q, p), terms in NO_CLOSED_FORM_TERMS.items()]),
-        fixed={**_DIGITS, "num_pseudo_inputs": 50, "iaf_hidden": (64,), "iaf_context": 8},
+        fixed={**_DIGITS, "model.num_pseudo_inputs": 50, "model.iaf_hidden": (64,),
+               "model.iaf_context": 8},
         description="every posterior family x prior (standard, VampPrior) x the KL terms the"
                     " pair allows, seconds each on digits"),
     "burda_quick": Sweep(

@@ -31,11 +31,12 @@ TIMEOUT_S = 300
 STOP_BOUND_S = 60  # The issue's bound on the survivors of a killed process.
 # 4 epochs of 23 steps, a checkpoint after each (by the clock: process 0 decides for all);
 # the kill below lands after the first.
-FIXED = {"num_epochs": 4, "checkpoint_every_secs": 0.0, "eval_importance_samples": 0}
+FIXED = {"train.num_epochs": 4, "train.checkpoint_every_secs": 0.0,
+         "eval.eval_importance_samples": 0}
 SWEEP_FILE = f"""\
 from launch.sweeps import Sweep
 
-quick = Sweep(config="experiments/configs/train.py:quick", runs=[{{"seed": 0}}],
+quick = Sweep(config="experiments/configs/train.py:quick", runs=[{{"train.seed": 0}}],
               fixed={FIXED!r})
 """
 RUN = "seed=0"
@@ -58,7 +59,7 @@ def sweep_file(directory: Path) -> Path:
 
 def one_process_run(workdir: Path, devices: int) -> dict:
     """The same run as `experiments.main` in one process with `devices` CPU devices."""
-    args = [f"--config.{k}={v}" for k, v in {**FIXED, "seed": 0}.items()]
+    args = [f"--config.{k}={v}" for k, v in {**FIXED, "train.seed": 0}.items()]
     subprocess.run([sys.executable, "-m", "experiments.main",
                     "--config=experiments/configs/train.py:quick", f"--workdir={workdir}", *args],
                    cwd=REPO, env=cpu_env(devices), check=True, capture_output=True,

@@ -150,8 +150,8 @@ def test_compare_training_has_every_run(main_run, monkeypatch):
     found = {(r["kl"], r["num_samples"]): r for r in results["rows"]}
     assert set(found) == {(kl, n) for kl in config.kls for n in config.num_samples}
     for r in found.values():
-        assert r["num_seeds"] == config.train.num_seeds
-        assert len(r["test_elbo_seeds"]) == config.train.num_seeds
+        assert r["num_seeds"] == config.vae.train.num_seeds
+        assert len(r["test_elbo_seeds"]) == config.vae.train.num_seeds
         for field in ("test_elbo_mean", "test_elbo_std", "test_log_likelihood_mean",
                       "test_log_likelihood_std", "train_wall_s"):
             assert np.isfinite(r[field]), field
@@ -159,8 +159,8 @@ def test_compare_training_has_every_run(main_run, monkeypatch):
         # The IWAE bound is at least the ELBO (up to noise on 300 test examples).
         assert r["test_log_likelihood_mean"] > r["test_elbo_mean"] - 0.5
     curves = compare_training.read_curves(workdir / "runs" / "stl_n1" / "metrics.jsonl")
-    assert curves["train"][1].shape[0] == config.train.num_seeds
-    assert curves["eval"][0].size == config.train.num_epochs  # One test ELBO per epoch.
+    assert curves["train"][1].shape[0] == config.vae.train.num_seeds
+    assert curves["eval"][0].size == config.vae.train.num_epochs  # One test ELBO per epoch.
 
     # A rerun reads the finished runs instead of training them again.
     from vaekl import train
@@ -310,13 +310,14 @@ def test_help_lists_the_experiments_and_the_presets_of_each_config_file():
 
 def test_help_with_a_config_lists_its_fields_values_and_a_line_each():
     text = _help("--config=experiments/configs/train.py:quick")
-    assert re.search(r"^  --config\.kl='analytic' +The ELBO's KL term, one of", text, re.M)
-    assert re.search(r"^  --config\.num_epochs=3 +Passes over", text, re.M)  # The preset's.
-    assert re.search(r"^  --config\.data_dir=None +tfds data_dir", text, re.M)
+    assert re.search(r"^  --config\.loss\.kl='analytic' +The ELBO's KL term, one of", text, re.M)
+    assert re.search(r"^  --config\.train\.num_epochs=3 +Passes over", text, re.M)  # Preset's.
+    assert re.search(r"^  --config\.data\.data_dir=None +tfds data_dir", text, re.M)
+    assert re.search(r"^  --config\.model\.\* +The VAE: vaekl.models.VAE's fields", text, re.M)
     nested = _help("--config=experiments/configs/compare_training.py")
     assert re.search(r"^  --config\.kls=\('analytic', 'k1', 'k3', 'stl'\) +KL terms", nested,
                      re.M)
-    assert re.search(r"^  --config\.train\.num_epochs=200 +Passes over", nested, re.M)
+    assert re.search(r"^  --config\.vae\.train\.num_epochs=200 +Passes over", nested, re.M)
 
 
 def _undocumented(config, file: str, path: str = "config") -> list[str]:
@@ -329,6 +330,8 @@ def _undocumented(config, file: str, path: str = "config") -> list[str]:
         value = config[key]
         if isinstance(value, ml_collections.ConfigDict) and "experiment" in value:
             missing += _undocumented(value, files[value.experiment], f"{path}.{key}")
+        elif isinstance(value, ml_collections.ConfigDict) and value:  # A group: model, ...
+            missing += [f"{path}.{key}.{k}" for k in value.keys() if k not in docs]
     return missing
 
 
@@ -345,20 +348,21 @@ def test_every_preset_is_documented_and_passes_the_check_and_no_other_is_taken(n
 
 
 def test_check_names_each_field_the_experiment_refuses():
-    fields = dict(train_config.get_config().to_dict(), hidden=7, num_epochs=2.5, no_such_field=1)
+    fields = dict(train_config.get_config().to_dict(), no_such_field=1)
+    fields["model"]["hidden"], fields["train"]["num_epochs"] = 7, 2.5
     problems = catalog.check(ml_collections.ConfigDict(fields))
     assert problems == [
         "--config.no_such_field: config has no field 'no_such_field'; `python -m"
         " experiments.main --help --config=experiments/configs/train.py` lists them.",
-        "--config.hidden: expected tuple, got 7.",
-        "--config.num_epochs: expected int, got 2.5."]
+        "--config.model.hidden: expected tuple, got 7.",
+        "--config.train.num_epochs: expected int, got 2.5."]
     config = main_config.get_config("quick")
-    config.compare_training.train.dataset = "mnits"
+    config.compare_training.vae.data.dataset = "mnits"
     config.parts = ("estimators", "nope")
     assert catalog.check(config) == [
         "--config.parts: unknown value 'nope'; expected each to be one of estimators,"
         " gradient_variance, compare_training, posterior_gap.",
-        "--config.compare_training.train.dataset: unknown value 'mnits'; expected one of"
+        "--config.compare_training.vae.data.dataset: unknown value 'mnits'; expected one of"
         " binarized_mnist, digits, fashion_mnist, frey_face, linear_gaussian, mnist, omniglot."]
-    with pytest.raises(ValueError, match=r"^--config\.dataset: unknown value 'mnits'"):
-        main.run(config.compare_training.train, "unused")  # Refused before it runs.
+    with pytest.raises(ValueError, match=r"^--config\.data\.dataset: unknown value 'mnits'"):
+        main.run(config.compare_training.vae, "unused")  # Refused before it runs.

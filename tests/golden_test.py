@@ -128,16 +128,16 @@ def test_evaluation_iwae(case):
 
 
 # results.json of `experiments.main --config=experiments/configs/train.py:quick
-# --config.num_epochs=1` (plus the overrides) at commit d4536fb, before the refactor
+# --config.train.num_epochs=1` (plus the overrides) at commit d4536fb, before the refactor
 # (/work/scratch/golden_run*/results.json). float32 training: relative 1e-5 (measured: 2e-7).
 RUNS = {
     "diag-analytic": ({}, dict(test_elbo=-32.54768753051758,
                                test_log_likelihood=-30.824413299560547,
                                test_rate=1.185703158378601)),
-    "iaf-stl": ({"posterior": "iaf", "kl": "stl"},
+    "iaf-stl": ({"model": {"posterior": "iaf"}, "loss": {"kl": "stl"}},
                 dict(test_elbo=-32.25419998168945, test_log_likelihood=-30.54242515563965,
                      test_rate=0.9544018507003784)),
-    "iwae3-dreg": ({"objective": "iwae", "num_samples": 3, "grad_estimator": "dreg"},
+    "iwae3-dreg": ({"loss": {"objective": "iwae", "num_samples": 3, "grad_estimator": "dreg"}},
                    dict(test_elbo=-32.43337631225586, test_log_likelihood=-30.58138084411621,
                         test_rate=1.20949125289917)),
 }
@@ -147,8 +147,8 @@ RUNS = {
 def test_one_epoch_training_gives_the_same_results(tmp_path, run):
     overrides, want = RUNS[run]
     config = train_config.get_config("quick")
-    config.num_epochs = 1
-    config.update(overrides)
+    config.train.num_epochs = 1
+    config.update(overrides)  # Group by group: config.loss.update({...}).
     results = train.train_and_evaluate(config, str(tmp_path))
     assert results["steps"] == 23
     for name, value in want.items():

@@ -123,6 +123,11 @@ def test_a_bare_string_is_not_a_list_of_values():
 def test_run_names_are_stable_safe_and_unique():
     assert sweeps.run_name({"seed": 1, "num_samples": 5, "kl": "k3"}) == (
         "kl=k3,num_samples=5,seed=1")
+    # Named by leaf names: the nested config's runs keep the flat config's names.
+    assert sweeps.run_name({"train.seed": 1, "loss.num_samples": 5, "loss.kl": "k3"}) == (
+        "kl=k3,num_samples=5,seed=1")
+    assert sweeps.leaves({"loss": {"kl": "k3"}, "a.seed": 1, "b.seed": 2}) == {
+        "kl": "k3", "a.seed": 1, "b.seed": 2}  # A shared leaf name keeps its paths.
     assert sweeps.run_name({"hidden": (200, 200), "lr": 1e-3, "path": "a/b c"}) == (
         "hidden=200_200,lr=0.001,path=a_b_c")
     assert sweeps.run_name({}) == "base"
@@ -146,16 +151,16 @@ def test_registry_sweeps():
     smoke = sweeps.get("smoke")
     assert smoke.config == "experiments/configs/train.py:quick"
     assert len(smoke.runs) >= 8
-    assert {r["kl"] for r in smoke.runs} == {"analytic", "k1", "k3", "stl"}
+    assert {r["loss.kl"] for r in smoke.runs} == {"analytic", "k1", "k3", "stl"}
     compare = sweeps.get("compare_training")
     assert len(compare.runs) == 4 * 2 * 3
     assert "kl=k3,num_samples=5,seed=1" in dict(compare.named_runs())
-    assert {r["latents"] for r in sweeps.get("latents").runs} == {2, 5, 10, 20, 50}
+    assert {r["model.latents"] for r in sweeps.get("latents").runs} == {2, 5, 10, 20, 50}
     run = runs.from_sweep(smoke, Path("/r"))[0]
     assert run.command[1:] == [
         "-m", "experiments.main", "--config=experiments/configs/train.py:quick",
-        "--workdir=/r/kl=analytic,seed=0", "--config.dataset=digits", "--config.kl=analytic",
-        "--config.seed=0"]
+        "--workdir=/r/kl=analytic,seed=0", "--config.data.dataset=digits",
+        "--config.loss.kl=analytic", "--config.train.seed=0"]
 
 
 def test_registry_fields_exist_in_their_configs():
@@ -169,7 +174,10 @@ def test_registry_fields_exist_in_their_configs():
         config = module.get_config(arg or None)
         for run in sweep.runs:
             for field in {**run, **sweep.fixed}:
-                assert field in config, f"sweep {name}: {path} has no field {field!r}"
+                node = config
+                for key in field.split("."):  # A nested field: loss.kl.
+                    assert key in node, f"sweep {name}: {path} has no field {field!r}"
+                    node = node[key]
 
 
 def test_unknown_sweep_lists_the_known_ones(tmp_path):
@@ -280,13 +288,13 @@ def test_data_dir_reaches_every_run(tmp_path):
     sweep_file = tmp_path / "mnist_sweep.py"
     sweep_file.write_text(
         "from launch.sweeps import Sweep\n"
-        "mnist = Sweep(config='experiments/configs/train.py:quick', runs=[{'seed': 0}],\n"
-        "              fixed={'dataset': 'mnist'})\n")
+        "mnist = Sweep(config='experiments/configs/train.py:quick', runs=[{'train.seed': 0}],\n"
+        "              fixed={'data.dataset': 'mnist'})\n")
     root = tmp_path / "root"
     result = launch(f"--sweep={sweep_file}:mnist", f"--root={root}", f"--data_dir={data_dir}")
     assert result.returncode == 1  # mnist is not prepared there: the run says where it looked.
     log = (root / "seed=0" / "log.txt").read_text()
-    assert f"is not prepared in data_dir (config.data_dir) {str(data_dir)!r}" in log
+    assert f"is not prepared in data_dir (config.data.data_dir) {str(data_dir)!r}" in log
     missing = launch(f"--sweep={sweep_file}:mnist", f"--root={root}",
                      f"--data_dir={tmp_path / 'nope'}")
     assert missing.returncode == 2 and "--data_dir:" in missing.stderr
@@ -669,3 +677,17 @@ def test_collect_plot_says_which_way_is_better_and_n_per_group():
     groups = collect.group([{"run": "a", "kl": "k1"}, {"run": "b", "kl": "k1"},
                             {"run": "c", "kl": "k3"}], ["kl"])
     assert collect.plot_labels(groups, ["kl"]) == ["kl=k1  (n=2)", "kl=k3  (n=1)"]
+
+
+def test_a_run_recorded_with_the_flat_config_names_is_the_same_run(tmp_path):
+    """launch.json of a run from before the config was nested (`{"kl": ...}`) matches the
+    sweep's run of the nested names (`{"loss.kl": ...}`), and only that run."""
+    run = runs.Run(name="kl=k1", workdir=str(tmp_path), config="c.py",
+                   overrides={"loss.kl": "k1"}, fixed={"data.dataset": "digits"})
+    (tmp_path / "launch.json").write_text(json.dumps(
+        {"config": "c.py", "overrides": {"kl": "k1"}, "fixed": {"dataset": "digits"}}))
+    runs.check_matches(run)
+    other = runs.Run(name="kl=k1", workdir=str(tmp_path), config="c.py",
+                     overrides={"loss.kl": "k3"}, fixed={"data.dataset": "digits"})
+    with pytest.raises(ValueError, match="holds a run of config"):
+        runs.check_matches(other)

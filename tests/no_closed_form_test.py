@@ -26,11 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_config(**overrides):
     config = train_config.get_config("quick")
-    config.latents, config.hidden, config.num_epochs = 3, (32,), 1
-    config.iaf_hidden, config.iaf_context, config.num_pseudo_inputs = (16,), 4, 8
-    config.eval_importance_samples = 10
-    for k, v in overrides.items():
-        config[k] = v
+    config.model.latents, config.model.hidden, config.train.num_epochs = 3, (32,), 1
+    config.model.iaf_hidden, config.model.iaf_context, config.model.num_pseudo_inputs = (
+        (16,), 4, 8)
+    config.eval.eval_importance_samples = 10
+    groups = vaekl_config.groups()
+    for k, v in overrides.items():  # Leaf names, each set in its group.
+        config[groups[k]][k] = v
     return config
 
 
@@ -44,7 +46,7 @@ def test_each_family_and_prior_trains(posterior, prior, kl):
     vaekl_config.check(config, num_devices=1)
     train_data, _ = train.load_data(config)
     model = train.create_model(config, train_data)
-    steps = len(train_data) // config.batch_size
+    steps = len(train_data) // config.train.batch_size
     tx = train.create_optimizer(config, steps)
     keys, init, epoch = steps_lib.training_fns(model, config, tx, data_dim=train_data.dim,
                                            steps_per_epoch=steps, binarize=False)
@@ -58,17 +60,19 @@ def test_each_family_and_prior_trains(posterior, prior, kl):
 
 @pytest.mark.parametrize("overrides, pieces", [
     ({"posterior": "iaf", "kl": "analytic"},
-     ["config.kl", "'analytic' has no closed form", "posterior='iaf'", "('k1', 'k3', 'stl')"]),
+     ["config.loss.kl", "'analytic' has no closed form", "posterior='iaf'",
+      "('k1', 'k3', 'stl')"]),
     ({"posterior": "diag", "prior": "vamp", "kl": "analytic"},
-     ["config.kl", "prior='vamp'", "('k1', 'k3', 'stl', 'entropy')"]),
+     ["config.loss.kl", "prior='vamp'", "('k1', 'k3', 'stl', 'entropy')"]),
     ({"posterior": "full", "prior": "mixture", "kl": "analytic"},
-     ["config.kl", "posterior='full'", "prior='mixture'", "('k1', 'k3', 'stl', 'entropy')"]),
+     ["config.loss.kl", "posterior='full'", "prior='mixture'",
+      "('k1', 'k3', 'stl', 'entropy')"]),
     ({"posterior": "iaf", "prior": "vamp", "kl": "entropy"},
-     ["config.kl", "'entropy'", "posterior='iaf'", "('k1', 'k3', 'stl')"]),
-    ({"posterior": "flow"}, ["config.posterior", "'iaf'"]),
-    ({"iaf_hidden": ()}, ["config.iaf_hidden"]),
-    ({"num_pseudo_inputs": 0}, ["config.num_pseudo_inputs"]),
-    ({"posterior": "full", "free_bits": 0.5}, ["config.free_bits", "posterior='diag'"]),
+     ["config.loss.kl", "'entropy'", "posterior='iaf'", "('k1', 'k3', 'stl')"]),
+    ({"posterior": "flow"}, ["config.model.posterior", "'iaf'"]),
+    ({"iaf_hidden": ()}, ["config.model.iaf_hidden"]),
+    ({"num_pseudo_inputs": 0}, ["config.model.num_pseudo_inputs"]),
+    ({"posterior": "full", "free_bits": 0.5}, ["config.loss.free_bits", "posterior='diag'"]),
 ])
 def test_a_pair_without_the_term_fails_at_once_naming_it(tmp_path, overrides, pieces):
     with pytest.raises(ValueError) as info:
@@ -82,14 +86,16 @@ def test_sweep_lists_the_terms_each_pair_allows_and_every_run_is_a_valid_config(
     sweep = sweeps.get("no_closed_form")
     for (q, p), terms in sweeps.NO_CLOSED_FORM_TERMS.items():
         assert tuple(terms) == kl.terms(*vaekl_config.pair_types(q, p)), (q, p)
-    pairs = {(r["posterior"], r["prior"]) for r in sweep.runs}
+    pairs = {(r["model.posterior"], r["model.prior"]) for r in sweep.runs}
     assert {q for q, _ in pairs} == set(posteriors.FAMILIES)
     assert {"standard", "vamp"} <= {p for _, p in pairs}
     path, _, arg = sweep.config.partition(":")
     assert path == "experiments/configs/train.py"
     for run in sweep.runs:
         config = train_config.get_config(arg)
-        config.update({**sweep.fixed, **run})
+        for field, value in {**sweep.fixed, **run}.items():  # "model.prior": a group's.
+            group, _, leaf = field.partition(".")
+            config[group][leaf] = value
         vaekl_config.check(config, num_devices=1)
 
 
@@ -97,17 +103,18 @@ def test_command_line_trains_iwae_dreg_with_an_iaf_and_the_vamp_prior(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(
         [sys.executable, "-m", "experiments.main", "--config=experiments/configs/train.py:quick",
-         f"--workdir={tmp_path}", "--config.posterior=iaf", "--config.prior=vamp",
-         "--config.objective=iwae", "--config.grad_estimator=dreg", "--config.num_samples=3",
-         "--config.num_epochs=1", "--config.iaf_hidden=(16,)",
-         "--config.iaf_steps=1", "--config.num_pseudo_inputs=8", "--config.latents=3",
-         "--config.eval_importance_samples=10"],
+         f"--workdir={tmp_path}", "--config.model.posterior=iaf", "--config.model.prior=vamp",
+         "--config.loss.objective=iwae", "--config.loss.grad_estimator=dreg",
+         "--config.loss.num_samples=3", "--config.train.num_epochs=1",
+         "--config.model.iaf_hidden=(16,)", "--config.model.iaf_steps=1",
+         "--config.model.num_pseudo_inputs=8", "--config.model.latents=3",
+         "--config.eval.eval_importance_samples=10"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["posterior"], saved["prior"], saved["objective"], saved["grad_estimator"]) == (
-        "iaf", "vamp", "iwae", "dreg")
+    assert (saved["model"]["posterior"], saved["model"]["prior"], saved["loss"]["objective"],
+            saved["loss"]["grad_estimator"]) == ("iaf", "vamp", "iwae", "dreg")
     assert np.isfinite(results["test_log_likelihood"]) and np.isfinite(results["test_elbo"])
 
 
@@ -129,8 +136,8 @@ def test_experiment_writes_its_files_and_a_row_per_run(experiment):
     runs = {(r["posterior"], r["prior"], r["kl"]) for r in results["training"]}
     assert runs == {(q, p, k) for q, p in config.pairs for k in config.kls}
     for row in results["training"]:
-        assert row["num_seeds"] == config.train.num_seeds
-        assert len(row["test_log_likelihood_seeds"]) == config.train.num_seeds
+        assert row["num_seeds"] == config.vae.train.num_seeds
+        assert len(row["test_log_likelihood_seeds"]) == config.vae.train.num_seeds
         # IWAE >= ELBO up to the noise of a few hundred test examples.
         assert row["test_log_likelihood_mean"] > row["test_elbo_mean"] - 0.5
     md = (workdir / "results.md").read_text()

@@ -70,7 +70,7 @@ def test_walkthrough_notebook_executes(tmp_path):
     assert re.search(r"train: \d+/\d+ steps", stderr), stderr
     assert "orbax" not in stderr
     assert re.search(r"test ELBO -\d+\.\d+ nats, IWAE-20 log-likelihood", text)
-    assert "config.num_epoch: unknown field; did you mean 'num_epochs'?" in text
+    assert "config.train.num_epoch: unknown field; did you mean 'num_epochs'?" in text
     # Every figure has axis labels and a title.
     sources = [c.source for c in code if "plt.figure" in c.source]
     assert sources

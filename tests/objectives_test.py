@@ -12,9 +12,10 @@ from vaekl import config as vaekl_config
 
 def _config(**overrides):
     config = train_config.get_config("iwae_quick")
-    config.num_epochs, config.eval_importance_samples = 1, 10
-    for k, v in overrides.items():
-        config[k] = v
+    config.train.num_epochs, config.eval.eval_importance_samples = 1, 10
+    groups = vaekl_config.groups()
+    for k, v in overrides.items():  # Leaf names, each set in its group.
+        config[groups[k]][k] = v
     return config
 
 
@@ -84,14 +85,14 @@ def test_iwae_training_is_not_worse_than_the_vae_by_more_than_0_3_nats(tmp_path)
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"objective": "iwea"}, "config.objective"),
-    ({"grad_estimator": "drag"}, "config.grad_estimator"),
-    ({"objective": "elbo", "grad_estimator": "dreg"}, "config.grad_estimator"),
-    ({"objective": "iwae", "kl": "k3"}, "config.objective"),
-    ({"objective": "iwae", "outer_samples": 3}, "config.outer_samples"),
-    ({"objective": "ciwae", "ciwae_beta": 1.5}, "config.ciwae_beta"),
-    ({"objective": "miwae", "outer_samples": 0}, "config.outer_samples"),
-    ({"objective": "renyi", "renyi_alpha": -0.5}, "config.renyi_alpha"),
+    ({"objective": "iwea"}, r"^config\.loss\.objective: "),
+    ({"grad_estimator": "drag"}, r"^config\.loss\.grad_estimator: "),
+    ({"objective": "elbo", "grad_estimator": "dreg"}, r"^config\.loss\.grad_estimator: "),
+    ({"objective": "iwae", "kl": "k3"}, r"^config\.loss\.objective: "),
+    ({"objective": "iwae", "outer_samples": 3}, r"^config\.loss\.outer_samples: "),
+    ({"objective": "ciwae", "ciwae_beta": 1.5}, r"^config\.loss\.ciwae_beta: "),
+    ({"objective": "miwae", "outer_samples": 0}, r"^config\.loss\.outer_samples "),
+    ({"objective": "renyi", "renyi_alpha": -0.5}, r"^config\.loss\.renyi_alpha: "),
 ])
 def test_bad_objective_fields_are_named(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -102,5 +103,7 @@ def test_bad_objective_fields_are_named(tmp_path, overrides, field):
 @pytest.mark.parametrize("preset, k", [("iwae_k5", 5), ("iwae_k50", 50)])
 def test_burda_iwae_presets(preset, k):
     config = train_config.get_config(preset)
-    assert (config.dataset, config.objective, config.num_samples) == ("mnist", "iwae", k)
-    assert (config.hidden, config.latents, config.batch_size) == ((200, 200), 50, 20)
+    assert (config.data.dataset, config.loss.objective, config.loss.num_samples) == (
+        "mnist", "iwae", k)
+    assert (config.model.hidden, config.model.latents, config.train.batch_size) == (
+        (200, 200), 50, 20)

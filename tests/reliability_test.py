@@ -174,12 +174,12 @@ BAD_INPUTS = [
     case("data.load/seed", lambda t: data.load("digits", seed=-1),
          ["vaekl.data.load: `seed` must be >= 0", "got -1"], ValueError),
     case("data.load/option", lambda t: data.load("digits", obs_dim=3),
-         ["unknown options ['obs_dim']", "config.data_options"], TypeError),
+         ["unknown options ['obs_dim']", "config.data.data_options"], TypeError),
     case("data.load/frey-without-path", lambda t: data.load("frey_face"),
-         ["frey_face needs path= (config.data_path)", "frey_rawface.mat"], FileNotFoundError),
+         ["frey_face needs path= (config.data.data_path)", "frey_rawface.mat"], FileNotFoundError),
     case("data.load/frey-missing-file",
          lambda t: data.load("frey_face", path=t / "frey_rawface.mat"),
-         ["frey_face: path (config.data_path)", "is not a file"], FileNotFoundError),
+         ["frey_face: path (config.data.data_path)", "is not a file"], FileNotFoundError),
     case("data.load/raw-files-as-data_dir",
          lambda t: data.load("binarized_mnist", data_dir=_raw_folder(t)),
          ["holds raw files (binarized_mnist.npz)", "--manual_dir of", "a different folder",
@@ -194,15 +194,20 @@ BAD_INPUTS = [
     # The command line: flags and config fields.
     case("cli/unknown-config-field", _main(TRAIN, "--workdir={w}", "--config.no_such_field=1"),
          ["--config.no_such_field:", "no field 'no_such_field'", "--help --config="]),
-    case("cli/misspelt-config-field", _main(TRAIN, "--workdir={w}", "--config.learning_rat=1"),
-         ["--config.learning_rat:", "did you mean 'learning_rate'?"]),
+    case("cli/misspelt-config-field",
+         _main(TRAIN, "--workdir={w}", "--config.optim.learning_rat=1"),
+         ["--config.optim.learning_rat:", "did you mean 'learning_rate'?"]),
+    case("cli/flat-config-field", _main(TRAIN, "--workdir={w}", "--config.learning_rate=1"),
+         ["--config.learning_rate:", "it is config.optim.learning_rate"]),
     case("cli/unknown-nested-field",
-         _main(TRAIN, "--workdir={w}", "--config.data_options.obs_dim=3"),
-         ["--config.data_options.obs_dim:", "config.data_options has no field 'obs_dim'"]),
-    case("cli/unknown-parent-field", _main(TRAIN, "--workdir={w}", "--config.model.latents=3"),
-         ["--config.model.latents:", "config has no field 'model'"]),
-    case("cli/unparsable-value", _main(TRAIN, "--workdir={w}", "--config.learning_rate=abc"),
-         ["--config.learning_rate=abc", "could not convert"]),
+         _main(TRAIN, "--workdir={w}", "--config.data.data_options.obs_dim=3"),
+         ["--config.data.data_options.obs_dim:",
+          "config.data.data_options has no field 'obs_dim'"]),
+    case("cli/unknown-parent-field", _main(TRAIN, "--workdir={w}", "--config.net.latents=3"),
+         ["--config.net.latents:", "config has no field 'net'"]),
+    case("cli/unparsable-value",
+         _main(TRAIN, "--workdir={w}", "--config.optim.learning_rate=abc"),
+         ["--config.optim.learning_rate=abc", "could not convert"]),
     case("cli/missing-config-file", _main("--config={empty}/nope.py", "--workdir={w}"),
          ["--config:", "no such file", "nope.py"]),
     case("cli/unknown-preset",
@@ -217,35 +222,39 @@ BAD_INPUTS = [
          _main(ESTIMATORS, "--workdir={w}", "--config.experiment=train"),
          ["--config:", "lacks the fields", "experiment 'train'", "experiments/configs/train.py"]),
     # The command line: values.
-    case("cli/unknown-kl", _main(TRAIN, "--workdir={w}", "--config.kl=k9"),
-         ["config.kl", "'k9'", "('analytic', 'k1', 'k3', 'stl', 'entropy')"]),
+    case("cli/unknown-kl", _main(TRAIN, "--workdir={w}", "--config.loss.kl=k9"),
+         ["config.loss.kl", "'k9'", "('analytic', 'k1', 'k3', 'stl', 'entropy')"]),
     case("cli/unknown-estimator",
          _main(ESTIMATORS, "--workdir={w}", "--config.estimators=('k9',)"),
          ["--config.estimators:", "unknown value 'k9'", "k1, k2, k3"]),
-    case("cli/unknown-dataset", _main(TRAIN, "--workdir={w}", "--config.dataset=mnits"),
-         ["--config.dataset:", "'mnits'", "one of", "digits"]),
+    case("cli/unknown-dataset", _main(TRAIN, "--workdir={w}", "--config.data.dataset=mnits"),
+         ["--config.data.dataset:", "'mnits'", "one of", "digits"]),
     case("cli/unknown-nested-dataset",
          _main("--config=experiments/configs/compare_training.py:quick", "--workdir={w}",
-               "--config.train.dataset=mnits"),
-         ["--config.train.dataset:", "'mnits'", "digits"]),
-    case("cli/batch-larger-than-data", _main(TRAIN, "--workdir={w}", "--config.batch_size=5000"),
-         ["config.batch_size", "5000", "1497 training examples"]),
+               "--config.vae.data.dataset=mnits"),
+         ["--config.vae.data.dataset:", "'mnits'", "digits"]),
+    case("cli/batch-larger-than-data",
+         _main(TRAIN, "--workdir={w}", "--config.train.batch_size=5000"),
+         ["config.train.batch_size", "5000", "1497 training examples"]),
     case("cli/unprepared-tfds",
-         _main(TRAIN, "--workdir={w}", "--config.dataset=mnist", "--config.data_dir={empty}"),
-         ["'mnist'", "not prepared", "config.data_dir", "python -m vaekl.prepare --dataset=mnist",
+         _main(TRAIN, "--workdir={w}", "--config.data.dataset=mnist",
+               "--config.data.data_dir={empty}"),
+         ["'mnist'", "not prepared", "config.data.data_dir",
+          "python -m vaekl.prepare --dataset=mnist",
           "--data_dir={empty}"]),
     case("cli/raw-files-as-data_dir",
-         _main(TRAIN, "--workdir={w}", "--config.dataset=binarized_mnist",
-               "--config.data_dir={raw}"),
-         ["config.data_dir", "{raw}", "holds raw files",
+         _main(TRAIN, "--workdir={w}", "--config.data.dataset=binarized_mnist",
+               "--config.data.data_dir={raw}"),
+         ["config.data.data_dir", "{raw}", "holds raw files",
           "--manual_dir of `python -m vaekl.prepare`", "a different folder",
           "--manual_dir={raw} --data_dir=DATA_DIR"]),
-    case("cli/frey-without-path", _main(TRAIN, "--workdir={w}", "--config.dataset=frey_face"),
-         ["frey_face needs", "config.data_path", "frey_rawface.mat"]),
+    case("cli/frey-without-path",
+         _main(TRAIN, "--workdir={w}", "--config.data.dataset=frey_face"),
+         ["frey_face needs", "config.data.data_path", "frey_rawface.mat"]),
     case("cli/frey-missing-file",
-         _main(TRAIN, "--workdir={w}", "--config.dataset=frey_face",
-               "--config.data_path={empty}/frey_rawface.mat"),
-         ["frey_face: path (config.data_path)", "{empty}/frey_rawface.mat", "is not a file"]),
+         _main(TRAIN, "--workdir={w}", "--config.data.dataset=frey_face",
+               "--config.data.data_path={empty}/frey_rawface.mat"),
+         ["frey_face: path (config.data.data_path)", "{empty}/frey_rawface.mat", "is not a file"]),
     case("cli/workdir-under-a-file", _main(TRAIN, "--workdir={file}/run"),
          ["--workdir", "{file}/run", "Not a directory"]),
     # vaekl.data.load of an unprepared tfds data set, with no network: at once, not a hang.
@@ -340,7 +349,7 @@ def test_bad_input_fails_at_once_with_a_clear_message(what, error, fragments, re
 
 
 def test_a_config_its_data_refuse_does_not_block_the_workdir(tmp_path):
-    with pytest.raises(ValueError, match="config.batch_size: 5000"):
+    with pytest.raises(ValueError, match="config.train.batch_size: 5000"):
         train.train_and_evaluate(make_config(batch_size=5000), str(tmp_path))
     assert not (tmp_path / "config.json").exists()
     workdir_lib.prepare(str(tmp_path), make_config())  # The corrected config is accepted.
@@ -352,9 +361,9 @@ def test_a_config_its_data_refuse_does_not_block_the_workdir(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 STEPS_PER_EPOCH = 93
-RUN = (TRAIN, "--config.hidden=(500,)", "--config.batch_size=16", "--config.num_epochs=12",
-       "--config.checkpoint_every_epochs=1", "--config.eval_importance_samples=10",
-       "--config.log_every_steps=31")
+RUN = (TRAIN, "--config.model.hidden=(500,)", "--config.train.batch_size=16",
+       "--config.train.num_epochs=12", "--config.train.checkpoint_every_epochs=1",
+       "--config.eval.eval_importance_samples=10", "--config.train.log_every_steps=31")
 
 
 def _command(workdir, *extra):
@@ -456,10 +465,10 @@ def test_divergence_stops_with_the_step_and_metric_and_keeps_the_last_good_check
     workdir = tmp_path / "diverged"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.main", TRAIN, f"--workdir={workdir}",
-         "--config.optimizer=sgd", "--config.schedule=warmup_cosine",
-         "--config.learning_rate=1000.0", "--config.warmup_steps=100000",
-         "--config.num_epochs=12", "--config.checkpoint_every_epochs=1",
-         "--config.eval_importance_samples=10"],
+         "--config.optim.optimizer=sgd", "--config.optim.schedule=warmup_cosine",
+         "--config.optim.learning_rate=1000.0", "--config.optim.warmup_steps=100000",
+         "--config.train.num_epochs=12", "--config.train.checkpoint_every_epochs=1",
+         "--config.eval.eval_importance_samples=10"],
         cwd=REPO, env=_env(reference.cache), capture_output=True, text=True, timeout=180,
         check=False)
     assert proc.returncode != 0
@@ -502,9 +511,9 @@ def test_a_nan_example_stops_training_at_its_step(tmp_path, monkeypatch):
     _with_a_nan_example(monkeypatch, row)
     config = _linear_config()
     # The step whose batch holds the row: the first epoch's order, as train draws it.
-    order = jax.random.permutation(jax.random.fold_in(steps_lib.seed_keys(config.seed)["data"], 0),
-                                   5000)
-    step = int(np.flatnonzero(np.asarray(order) == row)[0]) // config.batch_size + 1
+    data_key = steps_lib.seed_keys(config.train.seed)["data"]
+    order = jax.random.permutation(jax.random.fold_in(data_key, 0), 5000)
+    step = int(np.flatnonzero(np.asarray(order) == row)[0]) // config.train.batch_size + 1
     with pytest.raises(train.TrainingDiverged,
                        match=rf"at step {step}: metrics 'loss' is nan.*checkpoint \(none\)"):
         train.train_and_evaluate(config, str(tmp_path))
@@ -617,7 +626,7 @@ def _assert_stopped_cleanly(returncode: int, log: str, signum: int) -> int:
 
 def test_sigint_and_sigterm_stop_with_a_checkpoint_and_the_rerun_matches(tmp_path, reference):
     workdir, log = tmp_path / "signalled", tmp_path / "signalled.log"
-    only_interrupts = "--config.checkpoint_every_epochs=0"  # No checkpoint but the signals'.
+    only_interrupts = "--config.train.checkpoint_every_epochs=0"  # No checkpoint but the signals'.
     rng = random.Random(1)
     stopped = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -651,7 +660,7 @@ def test_a_flax_sized_run_interrupted_twice_ends_like_an_uninterrupted_one(tmp_p
         pytest.skip(f"shared data not found at {manual}")
     prepare.prepare("binarized_mnist", manual_dir=manual, data_dir=tmp_path / "tfds")
     argv = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/train.py:flax",
-            f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_epochs=8"]
+            f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.num_epochs=8"]
 
     def start(workdir):
         with open(f"{workdir}.log", "a") as out:
@@ -738,7 +747,7 @@ def test_a_corrupt_checkpoint_is_moved_aside_and_the_one_before_restored(
 def two_checkpoints(tmp_path_factory, reference):
     """A run of RUN stopped after 2 of its 12 epochs: checkpoints at steps 93 and 186."""
     workdir = tmp_path_factory.mktemp("partial") / "run"
-    _run(workdir, "--config.num_epochs=2", cache=reference.cache)
+    _run(workdir, "--config.train.num_epochs=2", cache=reference.cache)
     assert _steps(workdir) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     return workdir
 

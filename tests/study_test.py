@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from launch import collect, study, sweeps
+from vaekl import config as vaekl_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,23 +54,32 @@ def test_study_protocols_and_rows():
             ("burda_full", "burda_short", "burda_quick")} == {
         "burda_full": "full", "burda_short": "short", "burda_quick": "quick"}
     from experiments.configs import burda
-    assert burda.get_config("short").num_epochs == 1 + 3 + 9 + 27
-    assert burda.get_config("full").num_epochs == 3280
-    short = [o for _, o in sweeps.get("burda_short").named_runs()]
-    assert sum(o["num_samples"] == 50 for o in short) == 0  # Their own sweep: burda_short_k50.
-    assert sorted(o["num_samples"] for o in short) == [1] * 4 + [5] * 4
-    assert {o["num_samples"] for _, o in sweeps.get("burda_short_k50").named_runs()} == {50}
+    assert burda.get_config("short").train.num_epochs == 1 + 3 + 9 + 27
+    assert burda.get_config("full").train.num_epochs == 3280
+    named = sweeps.get("burda_short").named_runs()
+    short = [o for _, o in named]
+    assert sum(o["loss.num_samples"] == 50 for o in short) == 0  # Their own sweep: ..._k50.
+    assert sorted(o["loss.num_samples"] for o in short) == [1] * 4 + [5] * 4
+    assert {o["loss.num_samples"] for _, o in sweeps.get("burda_short_k50").named_runs()} == {50}
+    # Runs are named by leaf names: the committed runs' directories (flat config) stay theirs.
+    assert named[0][0] == "kl=analytic,num_samples=1,num_seeds=3,objective=elbo"
     assert study.row_key({"objective": "iwae", "num_samples": 5, "kl": "analytic",
                           "grad_estimator": "dreg"}) == ("iwae", 5, None, "dreg")
 
 
-def _study_run(root, name, overrides, config, seeds_ll, images, *, dataset="mnist", eval_k=5000):
-    """A finished study run's files, as train_and_evaluate and launch.runs write them."""
+def _study_run(root, name, overrides, config, seeds_ll, images, *, dataset="mnist", eval_k=5000,
+               nested=False):
+    """A finished study run's files, as train_and_evaluate and launch.runs write them: with
+    the nested config (`nested`), or the flat one of the runs written before it."""
     path = root / name
     path.mkdir()
     config = {"num_epochs": 40, "dataset": dataset, "eval_importance_samples": eval_k,
               "eval_examples": 0, "seed": 0, "grad_estimator": "reparam", "kl": "analytic",
               **config}
+    if nested:
+        config = vaekl_config.nest(config)
+        groups = vaekl_config.groups()
+        overrides = {f"{groups[k]}.{k}": v for k, v in overrides.items()}
     (path / "config.json").write_text(json.dumps(config))
     seeds = [{"seed": s, "test_log_likelihood": ll, "test_elbo": ll - 5, "test_rate": 20.0 + s,
               "active_units": 20 + s, "test_log_likelihood_se": 0.1, "test_elbo_se": 0.2}
@@ -92,7 +102,7 @@ def test_study_table_pairs_seeds_and_places_published_figures(tmp_path):
     row_a = {"kl": "analytic", "objective": "elbo", "num_samples": 1, "num_seeds": 3}
     row_b = {**row_a, "kl": "k1"}
     _study_run(tmp_path, "a", row_a, row_a, a_ll.tolist(), a_img)
-    _study_run(tmp_path, "b", row_b, row_b, b_ll.tolist(), b_img)
+    _study_run(tmp_path, "b", row_b, row_b, b_ll.tolist(), b_img, nested=True)
     trial = {**row_a, "eval_examples": 100}
     _study_run(tmp_path, "trial", trial, trial, [-1.0, -1.0, -1.0], a_img[:, :100])
     paths = collect.collect(tmp_path, report=tmp_path / "report")

@@ -30,10 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_config(preset="quick", **overrides):
+    """train.py's `preset` with IWAE-20 and `overrides` (leaf name -> value), each set in
+    its group (`kl` is config.loss.kl)."""
     config = train_config.get_config(preset)
-    config.eval_importance_samples = 20
+    config.eval.eval_importance_samples = 20
+    groups = vaekl_config.groups()
     for k, v in overrides.items():
-        config[k] = v
+        config[groups[k]][k] = v
     return config
 
 
@@ -88,9 +91,9 @@ def test_eval_examples_evaluates_the_first_test_examples_with_their_standard_err
     np.testing.assert_array_equal(cut.x, test.x[:40])
     for name in ("test_elbo", "test_log_likelihood"):
         assert 0 < results[f"{name}_se"] < 20, name
-    with pytest.raises(ValueError, match=r"config.eval_examples: 100000 is more than the"):
+    with pytest.raises(ValueError, match=r"config.eval.eval_examples: 100000 is more than the"):
         train.load_data(make_config(eval_examples=100_000))
-    with pytest.raises(ValueError, match=r"config.eval_examples"):
+    with pytest.raises(ValueError, match=r"config.eval.eval_examples"):
         train.train_and_evaluate(make_config(eval_examples=-1), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()  # Refused before anything is written.
 
@@ -136,9 +139,10 @@ def test_seeds_in_one_program_match_separate_runs(tmp_path):
 
 def test_vmapped_and_mapped_seeds_train_alike():
     config = make_config(num_seeds=3)
-    model = train.models.VAE(latents=config.latents, data_dim=64, hidden=tuple(config.hidden))
+    model = train.models.VAE(latents=config.model.latents, data_dim=64,
+                             hidden=tuple(config.model.hidden))
     tx = train.create_optimizer(config, 10)
-    x = jax.random.uniform(jax.random.key(0), (10 * config.batch_size, 64))
+    x = jax.random.uniform(jax.random.key(0), (10 * config.train.batch_size, 64))
     states = {}
     for vmap_seeds in (True, False):
         keys, init, epoch = steps_lib.training_fns(model, config, tx, data_dim=64, steps_per_epoch=10,
@@ -212,23 +216,22 @@ def test_exact_marginal_of_a_linear_decoder_matches_scipy(prior, fixed_log_scale
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("kl", "k9", "config.kl"),
-    ("optimizer", "adamax", "config.optimizer"),
-    ("batch_size", 0, "config.batch_size"),
-    ("batch_size", 5000, "config.batch_size"),
-    ("num_samples", 0, "config.num_samples"),
-    ("latents", -2, "config.latents"),
-    ("learning_rate", 0.0, "config.learning_rate"),
-    ("hidden", (200, 0), "config.hidden"),
-    ("free_bits", 0.5, "config.free_bits"),  # with kl="k1", below
-    ("prior", "mixture", "config.kl"),  # with kl="analytic"
+    ("kl", "k9", r"^config\.loss\.kl: "),
+    ("optimizer", "adamax", r"^config\.optim\.optimizer: "),
+    ("batch_size", 0, r"^config\.train\.batch_size "),
+    ("batch_size", 5000, r"^config\.train\.batch_size: "),
+    ("num_samples", 0, r"^config\.loss\.num_samples "),
+    ("latents", -2, r"^config\.model\.latents "),
+    ("learning_rate", 0.0, r"^config\.optim\.learning_rate: "),
+    ("hidden", (200, 0), r"^config\.model\.hidden: "),
+    ("free_bits", 0.5, r"^config\.loss\.free_bits: "),  # with kl="k1", below
+    ("prior", "mixture", r"^config\.loss\.kl: "),  # with kl="analytic"
     ("dataset", "cifar99", "name"),
 ])
 def test_bad_config_is_refused_with_the_field_named(tmp_path, field, value, message):
-    config = make_config()
-    config[field] = value
+    config = make_config(**{field: value})
     if field == "free_bits":
-        config.kl = "k1"
+        config.loss.kl = "k1"
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "results.json").exists()
@@ -247,13 +250,13 @@ def test_config_json_always_describes_the_results(tmp_path):
     results = (tmp_path / "results.json").read_text()
     steps = json.loads(results)["steps"]
     # Fewer epochs than trained: refused, naming the field; nothing rewritten.
-    with pytest.raises(ValueError, match="config.num_epochs: .* trained for 2 epochs"):
+    with pytest.raises(ValueError, match="config.train.num_epochs: .* trained for 2 epochs"):
         train.train_and_evaluate(make_config(num_epochs=1), str(tmp_path))
-    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_epochs"] == 2
     assert (tmp_path / "results.json").read_text() == results
     # More epochs: it trains on, and config.json and results.json say 3.
     again = train.train_and_evaluate(make_config(num_epochs=3), str(tmp_path))
-    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 3
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_epochs"] == 3
     assert again["steps"] == steps // 2 * 3
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == again["steps"]
 
@@ -262,15 +265,35 @@ def test_a_run_from_before_a_new_config_field_resumes_with_its_default(tmp_path)
     config = vaekl_config.complete(make_config(num_epochs=1))
     workdir_lib.prepare(str(tmp_path), config)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["iaf_context"], saved["eval_examples"]  # As written before vaekl had them.
+    del saved["model"]["iaf_context"], saved["eval"]["eval_examples"]  # From before them.
     (tmp_path / "config.json").write_text(json.dumps(saved))
     workdir_lib.prepare(str(tmp_path), config)  # The defaults: the same run.
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    config.eval_examples = 10  # Evaluation only: resumable.
+    config.eval.eval_examples = 10  # Evaluation only: resumable.
     workdir_lib.prepare(str(tmp_path), config)
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    config.iaf_context = 5
-    with pytest.raises(ValueError, match=r"different config \(iaf_context: 20 -> 5\)"):
+    config.model.iaf_context = 5
+    with pytest.raises(ValueError, match=r"different config \(model.iaf_context: 20 -> 5\)"):
+        workdir_lib.prepare(str(tmp_path), config)
+
+
+def test_a_workdir_with_a_flat_config_json_resumes_through_the_leaf_names(tmp_path):
+    """config.json as written before the config was nested (one flat dict of leaves)."""
+    config = vaekl_config.complete(make_config(num_epochs=1))
+    flat = vaekl_config.leaves(json.loads(config.to_json_best_effort()))
+    assert "kl" in flat and "loss" not in flat
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    workdir_lib.prepare(str(tmp_path), config)  # The same run: resumes, written nested.
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["kl"] == "analytic"
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    config.eval.eval_importance_samples = 7  # The eval group: resumable by rule.
+    workdir_lib.prepare(str(tmp_path), config)
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    config.loss.kl = "k3"
+    with pytest.raises(ValueError, match=r"different config \(loss.kl: 'analytic' -> 'k3'\)"):
+        workdir_lib.prepare(str(tmp_path), config)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"holds a config.json that is not a config"):
         workdir_lib.prepare(str(tmp_path), config)
 
 
@@ -285,7 +308,7 @@ def test_flax_example_setting_reaches_its_published_elbo(tmp_path):
         pytest.skip(f"shared data not found at {manual}")
     prepare.prepare("binarized_mnist", manual_dir=manual, data_dir=tmp_path / "tfds")
     config = train_config.get_config("flax")
-    config.data_dir = str(tmp_path / "tfds")
+    config.data.data_dir = str(tmp_path / "tfds")
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert results["steps"] == 3900
     assert results["test_elbo"] >= -103.6
@@ -335,22 +358,30 @@ def test_every_module_is_listed_as_lazy():
 
 
 def test_a_partial_config_is_completed_from_the_defaults():
-    partial = ConfigDict(dict(dataset="linear_gaussian", num_epochs=2, hidden=[16]))
+    partial = ConfigDict(dict(data=dict(dataset="linear_gaussian"), train=dict(num_epochs=2),
+                              model=dict(hidden=[16])))
     full = vaekl_config.complete(partial)
     expected = vaekl_config.get_config().to_dict()
-    expected.update(dataset="linear_gaussian", num_epochs=2, hidden=(16,))
+    expected["data"]["dataset"], expected["train"]["num_epochs"] = "linear_gaussian", 2
+    expected["model"]["hidden"] = (16,)
     assert full.to_dict() == expected
-    assert sorted(partial.keys()) == ["dataset", "hidden", "num_epochs"]  # Left unchanged.
-    assert vaekl_config.complete(dict(num_epochs=2)).num_epochs == 2  # A plain dict too.
+    assert sorted(partial.keys()) == ["data", "model", "train"]  # Left unchanged.
+    assert sorted(partial.train.keys()) == ["num_epochs"]
+    # A plain dict too; `nest` puts flat (old) names in their groups.
+    assert vaekl_config.complete(dict(train=dict(num_epochs=2))).train.num_epochs == 2
+    assert vaekl_config.complete(vaekl_config.nest(dict(kl="k3"))).loss.kl == "k3"
     flax = train_config.get_config("flax")
     assert vaekl_config.complete(flax).to_json_best_effort() == flax.to_json_best_effort()
 
 
 @pytest.mark.parametrize("fields, error, message", [
-    (dict(num_epoch=2), ValueError, r"^config\.num_epoch: unknown field; did you mean 'num_epochs'\?$"),
-    (dict(dataset="digits", zzz=1), ValueError,
+    (dict(train=dict(num_epoch=2)), ValueError,
+     r"^config\.train\.num_epoch: unknown field; did you mean 'num_epochs'\?$"),
+    (dict(data=dict(dataset="digits"), zzz=1), ValueError,
      r"^config\.zzz: unknown field; expected a field of vaekl\.config\.get_config\(\)\.$"),
-    (dict(latents="many"), TypeError, r"^config\.latents: "),
+    (dict(model=dict(latents="many")), TypeError, r"^config\.model\.latents: "),
+    (dict(num_epochs=2), ValueError,  # The flat layout of before: told the new place.
+     r"^config\.num_epochs: unknown field; it is config\.train\.num_epochs \("),
 ])
 def test_a_bad_partial_config_is_refused_with_the_field_named(tmp_path, fields, error, message):
     with pytest.raises(error, match=message):
@@ -361,7 +392,8 @@ def test_a_bad_partial_config_is_refused_with_the_field_named(tmp_path, fields, 
 def test_a_partial_config_trains_outside_app_run_with_its_progress_on_stderr(tmp_path):
     # A fresh process, as a notebook kernel: no absl flags parsed, no app.run.
     code = ("import sys, vaekl, ml_collections\n"
-            "config = ml_collections.ConfigDict(dict(num_epochs=1, eval_importance_samples=0))\n"
+            "config = ml_collections.ConfigDict(dict(train=dict(num_epochs=1),"
+            " eval=dict(eval_importance_samples=0)))\n"
             "vaekl.train.train_and_evaluate(config, sys.argv[1])\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, check=True)
@@ -370,7 +402,7 @@ def test_a_partial_config_trains_outside_app_run_with_its_progress_on_stderr(tmp
     assert "orbax" not in proc.stderr and "checkpoint_manager" not in proc.stderr
     written = json.loads((tmp_path / "config.json").read_text())
     assert written == json.loads(vaekl_config.complete(
-        dict(num_epochs=1, eval_importance_samples=0)).to_json_best_effort())
+        dict(train=dict(num_epochs=1), eval=dict(eval_importance_samples=0))).to_json_best_effort())
 
 
 # --- TensorBoard, timestamps, learning curve, interrupts ----------------------------------

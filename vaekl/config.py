@@ -2,9 +2,33 @@
 
 `get_config(preset)` is what `experiments/configs/train.py` returns, so an installed
 vaekl has the defaults without the experiments folder. `complete(config)` fills a
-partial config (a notebook's `ConfigDict(dict(dataset="digits", num_epochs=2))`) from
+partial config (a notebook's `ConfigDict(dict(data=dict(dataset="digits")))`) from
 them and refuses a field they do not have; `check(config, num_devices=...)` refuses bad
 values with one error naming the field. `vaekl.train.train_and_evaluate` calls both.
+
+The config is nested in groups, each passed to what uses it; every field (leaf) kept
+the name it had in the flat config of before, and leaf names are unique across groups,
+so the old name `F` of a field is `config.<group>.F` now (`leaves` and `nest` convert):
+
+  group    old flat names (config.F -> config.<group>.F)
+  data     dataset, data_dir, data_path, data_seed, data_options
+  model    latents, hidden, activation, kind, likelihood, fixed_log_scale, prior,
+           num_components, num_pseudo_inputs, posterior, iaf_steps, iaf_hidden,
+           iaf_context, init                       (vaekl.models.VAE's attributes)
+  loss     objective, kl, num_samples, grad_estimator, outer_samples, renyi_alpha,
+           ciwae_beta, beta, kl_warmup_steps, free_bits
+  optim    optimizer, learning_rate, schedule, warmup_steps, adam_b1, adam_b2,
+           adam_eps, weight_decay, momentum
+  train    batch_size, num_epochs, seed, num_seeds, on_nan, log_every_steps,
+           checkpoint_every_epochs, checkpoint_every_secs, keep_checkpoints
+  eval     eval_importance_samples, eval_importance_samples_during, eval_elbo_samples,
+           eval_batch_size, eval_examples, eval_chunk_size, eval_every_epochs
+  top      experiment
+
+results.json keeps its keys (`kl`, `num_samples`, `seed`, ...). A workdir whose
+config.json is flat (written before the nesting) resumes: `vaekl.workdir` compares
+configs leaf by leaf. A field's description is its comment in `get_config`, which
+`python -m experiments.main --help --config=...` prints.
 """
 
 import difflib
@@ -46,135 +70,178 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
                                  f" {', '.join(PRESETS)} or none.")
     c = ml_collections.ConfigDict()
     c.experiment = "train"  # What runs: vaekl.train.train_and_evaluate.
-    # Data.
-    c.dataset = "digits"  # The data set, one of vaekl.data.NAMES.
-    c.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds's own (TFDS_DATA_DIR).
-    c.data_path = ""  # frey_face: the path of frey_rawface.mat.
-    c.data_seed = 0  # The fixed binarisation of test splits and embedded splits.
-    c.data_options = ml_collections.ConfigDict()  # e.g. linear_gaussian's obs_dim.
-    # Model.
-    c.latents = 20  # Latent dimensions.
-    c.hidden = (200,)  # Hidden layer widths of encoder and decoder (mlp).
-    c.activation = "relu"  # A name of vaekl.models.ACTIVATIONS.
-    c.kind = "mlp"  # The network, one of vaekl.models.KINDS.
-    c.likelihood = ""  # "" takes the data set's: bernoulli or gaussian.
-    c.fixed_log_scale = config_dict.placeholder(float)  # Gaussian decoder: None learns it.
-    c.prior = "standard"  # p(z), one of vaekl.models.PRIORS (standard, learned, mixture, vamp).
-    c.num_components = 10  # Components of the mixture prior.
-    c.num_pseudo_inputs = 500  # prior="vamp": K, Tomczak & Welling's 500 for MNIST.
-    c.posterior = "diag"  # q(z|x), one of vaekl.posteriors.FAMILIES (diag, full, iaf).
-    c.iaf_steps = 2  # posterior="iaf": flow steps, each a MADE ...
-    c.iaf_hidden = (320,)  # ... with these hidden widths, ...
-    c.iaf_context = 20  # ... conditioned on an encoder context h of this width (0: none).
-    c.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
-    # Objective.
-    c.objective = "elbo"  # The training objective: elbo or one of vaekl.bounds.OBJECTIVES.
-    c.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS (k1, k3, stl, ...).
-    c.num_samples = 1  # K: draws of z averaged (elbo) or inside each bound.
-    c.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam, stl or dreg.
-    c.outer_samples = 1  # M, the bounds averaged by miwae and piwae.
-    c.renyi_alpha = 0.5  # The Renyi bound's alpha >= 0 (0: IWAE, 1: the ELBO).
-    c.ciwae_beta = 0.5  # CIWAE's weight of the ELBO against IWAE.
-    c.beta = 1.0  # The weight of the KL term.
-    c.kl_warmup_steps = 0  # Steps over which the KL weight rises linearly to beta.
-    c.free_bits = 0.0  # Per-dimension free bits (kl="analytic", standard prior).
-    # Optimisation.
-    c.optimizer = "adam"  # One of OPTIMIZERS.
-    c.learning_rate = 1e-3  # The (peak) learning rate.
-    c.schedule = "constant"  # The learning-rate schedule, one of SCHEDULES.
-    c.warmup_steps = 0  # Linear warm-up steps of warmup_cosine.
-    c.adam_b1 = 0.9  # Adam's beta1.
-    c.adam_b2 = 0.999  # Adam's beta2.
-    c.adam_eps = 1e-8  # Adam's epsilon.
-    c.weight_decay = 1e-4  # adamw only.
-    c.momentum = 0.9  # sgd only (0: none).
-    c.batch_size = 64  # Training examples per step, over all devices.
-    c.num_epochs = 30  # Passes over the training split.
-    c.seed = 0  # The seed of initialisation, epochs and draws.
-    c.num_seeds = 1  # Seeds seed, seed + 1, ... trained in one program.
-    c.on_nan = "stop"  # A non-finite loss: "stop", or "skip" the step.
-    # Evaluation and bookkeeping.
-    c.eval_importance_samples = 5000  # IWAE bound of log p(x) at the end (0: none).
-    c.eval_importance_samples_during = 0  # The same, at every evaluation during training.
-    c.eval_elbo_samples = 1  # Draws of z per test example in the test ELBO.
-    c.eval_batch_size = 100  # Test examples per evaluation batch.
-    c.eval_examples = 0  # The first so many test examples are evaluated (0: all of them).
-    c.eval_chunk_size = 100  # Importance samples per device call.
-    c.eval_every_epochs = 0  # A test evaluation every so many epochs (0: at the end only).
-    c.log_every_steps = 50  # Training metrics every so many steps.
+    d = c.data = ml_collections.ConfigDict()  # The data set: vaekl.data.load's arguments.
+    d.dataset = "digits"  # The data set, one of vaekl.data.NAMES.
+    d.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds's own (TFDS_DATA_DIR).
+    d.data_path = ""  # frey_face: the path of frey_rawface.mat.
+    d.data_seed = 0  # The fixed binarisation of test splits and embedded splits.
+    d.data_options = ml_collections.ConfigDict()  # e.g. linear_gaussian's obs_dim.
+    # The VAE: every field is an attribute of vaekl.models.VAE of the same name (`init`
+    # is its `init_scheme`), passed on as it is by vaekl.train.create_model.
+    m = c.model = ml_collections.ConfigDict()  # The VAE: vaekl.models.VAE's fields.
+    m.latents = 20  # Latent dimensions.
+    m.hidden = (200,)  # Hidden layer widths of encoder and decoder (mlp).
+    m.activation = "relu"  # A name of vaekl.models.ACTIVATIONS.
+    m.kind = "mlp"  # The network, one of vaekl.models.KINDS.
+    m.likelihood = ""  # "" takes the data set's: bernoulli or gaussian.
+    m.fixed_log_scale = config_dict.placeholder(float)  # Gaussian decoder: None learns it.
+    m.prior = "standard"  # p(z), one of vaekl.models.PRIORS (standard, learned, mixture, vamp).
+    m.num_components = 10  # Components of the mixture prior.
+    m.num_pseudo_inputs = 500  # prior="vamp": K, Tomczak & Welling's 500 for MNIST.
+    m.posterior = "diag"  # q(z|x), one of vaekl.posteriors.FAMILIES (diag, full, iaf).
+    m.iaf_steps = 2  # posterior="iaf": flow steps, each a MADE ...
+    m.iaf_hidden = (320,)  # ... with these hidden widths, ...
+    m.iaf_context = 20  # ... conditioned on an encoder context h of this width (0: none).
+    m.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
+    o = c.loss = ml_collections.ConfigDict()  # The objective: vaekl.steps.make_loss_fn.
+    o.objective = "elbo"  # The training objective: elbo or one of vaekl.bounds.OBJECTIVES.
+    o.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS (k1, k3, stl, ...).
+    o.num_samples = 1  # K: draws of z averaged (elbo) or inside each bound.
+    o.grad_estimator = "reparam"  # Encoder gradient of the bounds: reparam, stl or dreg.
+    o.outer_samples = 1  # M, the bounds averaged by miwae and piwae.
+    o.renyi_alpha = 0.5  # The Renyi bound's alpha >= 0 (0: IWAE, 1: the ELBO).
+    o.ciwae_beta = 0.5  # CIWAE's weight of the ELBO against IWAE.
+    o.beta = 1.0  # The weight of the KL term.
+    o.kl_warmup_steps = 0  # Steps over which the KL weight rises linearly to beta.
+    o.free_bits = 0.0  # Per-dimension free bits (kl="analytic", standard prior).
+    p = c.optim = ml_collections.ConfigDict()  # The optimiser: vaekl.train.create_optimizer.
+    p.optimizer = "adam"  # One of OPTIMIZERS.
+    p.learning_rate = 1e-3  # The (peak) learning rate.
+    p.schedule = "constant"  # The learning-rate schedule, one of SCHEDULES.
+    p.warmup_steps = 0  # Linear warm-up steps of warmup_cosine.
+    p.adam_b1 = 0.9  # Adam's beta1.
+    p.adam_b2 = 0.999  # Adam's beta2.
+    p.adam_eps = 1e-8  # Adam's epsilon.
+    p.weight_decay = 1e-4  # adamw only.
+    p.momentum = 0.9  # sgd only (0: none).
+    t = c.train = ml_collections.ConfigDict()  # The training loop: epochs, seeds, saving.
+    t.batch_size = 64  # Training examples per step, over all devices.
+    t.num_epochs = 30  # Passes over the training split.
+    t.seed = 0  # The seed of initialisation, epochs and draws.
+    t.num_seeds = 1  # Seeds seed, seed + 1, ... trained in one program.
+    t.on_nan = "stop"  # A non-finite loss: "stop", or "skip" the step.
+    t.log_every_steps = 50  # Training metrics every so many steps.
     # A checkpoint every checkpoint_every_epochs epochs, or once checkpoint_every_secs
     # have passed since the last, and always after the last epoch.
-    c.checkpoint_every_epochs = 0  # Epochs between checkpoints (0: by time only).
-    c.checkpoint_every_secs = 30.0  # Seconds after which an epoch's end checkpoints.
-    c.keep_checkpoints = 2  # Checkpoints kept in the workdir.
+    t.checkpoint_every_epochs = 0  # Epochs between checkpoints (0: by time only).
+    t.checkpoint_every_secs = 30.0  # Seconds after which an epoch's end checkpoints.
+    t.keep_checkpoints = 2  # Checkpoints kept in the workdir.
+    e = c.eval = ml_collections.ConfigDict()  # Evaluation: may change when a run resumes.
+    e.eval_importance_samples = 5000  # IWAE bound of log p(x) at the end (0: none).
+    e.eval_importance_samples_during = 0  # The same, at every evaluation during training.
+    e.eval_elbo_samples = 1  # Draws of z per test example in the test ELBO.
+    e.eval_batch_size = 100  # Test examples per evaluation batch.
+    e.eval_examples = 0  # The first so many test examples are evaluated (0: all of them).
+    e.eval_chunk_size = 100  # Importance samples per device call.
+    e.eval_every_epochs = 0  # A test evaluation every so many epochs (0: at the end only).
 
     if preset == "quick":
-        c.num_epochs = 3
-        c.eval_importance_samples = 50
-        c.log_every_steps = 10
+        t.num_epochs = 3
+        e.eval_importance_samples = 50
+        t.log_every_steps = 10
     elif preset == "flax":
-        c.dataset = "binarized_mnist"
-        c.latents, c.hidden, c.activation = 20, (500,), "relu"
-        c.batch_size, c.num_epochs = 128, 10
-        c.eval_importance_samples = 0
+        d.dataset = "binarized_mnist"
+        m.latents, m.hidden, m.activation = 20, (500,), "relu"
+        t.batch_size, t.num_epochs = 128, 10
+        e.eval_importance_samples = 0
     elif preset in ("iwae", "iwae_k5", "iwae_k50"):
-        c.dataset = "mnist"
-        c.latents, c.hidden, c.activation = 50, (200, 200), "tanh"
-        c.batch_size, c.num_epochs, c.schedule = 20, 3280, "iwae"
-        c.adam_b1, c.adam_eps = 0.99, 1e-4
+        d.dataset = "mnist"
+        m.latents, m.hidden, m.activation = 50, (200, 200), "tanh"
+        t.batch_size, t.num_epochs, p.schedule = 20, 3280, "iwae"
+        p.adam_b1, p.adam_eps = 0.99, 1e-4
         if preset != "iwae":
-            c.objective, c.num_samples = "iwae", int(preset[len("iwae_k"):])
+            o.objective, o.num_samples = "iwae", int(preset[len("iwae_k"):])
     elif preset == "iwae_quick":
-        c.objective, c.num_samples, c.grad_estimator = "iwae", 5, "dreg"
-        c.num_epochs, c.eval_importance_samples, c.log_every_steps = 3, 50, 10
+        o.objective, o.num_samples, o.grad_estimator = "iwae", 5, "dreg"
+        t.num_epochs, e.eval_importance_samples, t.log_every_steps = 3, 50, 10
     elif preset == "linear":
-        c.dataset = "linear_gaussian"
-        c.latents, c.hidden = 5, ()
-        c.batch_size, c.num_epochs, c.learning_rate, c.schedule = 100, 300, 1e-2, "cosine"
+        d.dataset = "linear_gaussian"
+        m.latents, m.hidden = 5, ()
+        t.batch_size, t.num_epochs, p.learning_rate, p.schedule = 100, 300, 1e-2, "cosine"
     return c
 
 
-def _unknown_field_message(config, field: str, defaults) -> str:
-    """`config.<field>: unknown field`, with the nearest default field names as a hint."""
-    close = difflib.get_close_matches(field, list(defaults), n=3)
+GROUPS = ("data", "model", "loss", "optim", "train", "eval")  # The sub-configs, in order.
+RESUMABLE_GROUPS = ("eval",)  # Groups whose fields a resumed run may change.
+
+
+def groups(defaults=None) -> dict[str, str]:
+    """Leaf -> its group ("" for a top-level leaf such as `experiment`), of the defaults."""
+    defaults = get_config() if defaults is None else defaults
+    return {leaf: (group if group in GROUPS else "")
+            for group in defaults for leaf in (defaults[group] if group in GROUPS else (group,))}
+
+
+def leaves(config) -> dict:
+    """Leaf -> value of a nested config (a ConfigDict or its JSON dict), or of a flat one
+    (config.json written before the config was nested): leaf names are unique."""
+    flat = {}
+    for key, value in dict(config).items():
+        flat.update(dict(value) if key in GROUPS and hasattr(value, "items") else {key: value})
+    return flat
+
+
+def nest(flat: dict) -> dict:
+    """The nested dict of a flat one (leaf -> value), by the table above; unknown leaves
+    stay at the top, where `complete` refuses them by name."""
+    where, out = groups(), {}
+    for leaf, value in flat.items():
+        group = where.get(leaf, "")
+        (out.setdefault(group, {}) if group else out)[leaf] = value
+    return out
+
+
+def _unknown_field_message(path: str, known) -> str:
+    """`config.<path>: unknown field`, with the nearest known names as a hint; a leaf of
+    the flat layout is told its new place."""
+    field = path.rpartition(".")[2]
+    where = groups().get(field)
+    if where and path != f"{where}.{field}":
+        return (f"config.{path}: unknown field; it is config.{where}.{field} (the config is"
+                " nested: see vaekl/config.py's table of old -> new names).")
+    close = difflib.get_close_matches(field, list(known), n=3)
     hint = ("did you mean " + " or ".join(repr(c) for c in close) + "?" if close
             else "expected a field of vaekl.config.get_config().")
-    message = f"config.{field}: unknown field; {hint}"
-    known = [k for k in config if k in defaults and k != "experiment"]
-    unknown = [k for k in config if k not in defaults]
-    if "kl" not in config and len(unknown) > max(len(known), 2):
-        message += (" It looks like another experiment's config: it has no field 'kl', which"
-                    " experiment 'train' needs; use --config=experiments/configs/train.py or"
-                    " vaekl.config.get_config().")
-    return message
+    return f"config.{path}: unknown field; {hint}"
 
 
 def complete(config) -> ml_collections.ConfigDict:
     """The default config (`get_config()`) with the fields of `config` set over it.
 
     Args:
-      config: a ConfigDict or a dict holding any subset of the default fields (a full
-        config comes back equal to itself). Nested values such as `data_options`
-        replace the default whole.
+      config: a ConfigDict or a dict holding any subset of the default fields, nested
+        like them (`dict(data=dict(dataset="digits"), train=dict(num_epochs=2))`; a full
+        config comes back equal to itself). `data_options` replaces the default whole.
 
     Returns:
       A new, unlocked ConfigDict; `config` is left unchanged.
 
     Raises:
-      ValueError: `config.<field>: unknown field; did you mean ...?` for the first field
-        that the defaults lack.
-      TypeError: `config.<field>: ...` for a value of the wrong type (e.g. a string for
-        `latents`).
+      ValueError: `config.<group>.<field>: unknown field; did you mean ...?` for the first
+        field that the defaults lack (a flat field is told its group).
+      TypeError: `config.<group>.<field>: ...` for a value of the wrong type (e.g. a
+        string for `model.latents`).
     """
     full = get_config()
-    for field in config:
-        if field not in full:
-            raise ValueError(_unknown_field_message(config, field, full))
-    for field, value in config.items():
-        try:
-            full[field] = value
-        except TypeError as e:
-            raise TypeError(f"config.{field}: {e}") from None
+    for key, value in dict(config).items():
+        if key not in full:
+            message = _unknown_field_message(key, full)
+            if "kl" not in leaves(config) and "loss" not in config and len(config) > 2:
+                message += (" It looks like another experiment's config: it has no field"
+                            " 'loss.kl', which experiment 'train' needs; use"
+                            " --config=experiments/configs/train.py or vaekl.config.get_config().")
+            raise ValueError(message)
+        fields = (dict(value).items() if key in GROUPS and hasattr(value, "items")
+                  else [(None, value)])
+        for field, v in fields:
+            path = f"{key}.{field}" if field is not None else key
+            holder = full[key] if field is not None else full
+            if field is not None and field not in holder:
+                raise ValueError(_unknown_field_message(path, holder))
+            try:
+                holder[field if field is not None else key] = v
+            except TypeError as e:
+                raise TypeError(f"config.{path}: {e}") from None
     return full
 
 
@@ -188,45 +255,48 @@ def check(config, *, num_devices: int) -> None:
     is undefined (a closed-form KL or entropy that the pair has not, say).
 
     Raises:
-      ValueError: `config.<field>: ...`, naming what was expected.
+      ValueError: `config.<group>.<field>: ...`, naming what was expected.
     """
     from vaekl import bounds, elbo, models, posteriors, validate  # JAX: not for config files.
 
     objectives = ("elbo",) + bounds.OBJECTIVES
-    for field, allowed in (("kl", elbo.KL_TERMS), ("objective", objectives),
-                           ("grad_estimator", bounds.GRAD_ESTIMATORS), ("optimizer", OPTIMIZERS),
-                           ("schedule", SCHEDULES), ("on_nan", ON_NAN), ("prior", models.PRIORS),
-                           ("posterior", posteriors.FAMILIES),
-                           ("kind", models.KINDS), ("activation", models.ACTIVATIONS),
-                           ("init", models.INITS)):
+    for field, allowed in (("loss.kl", elbo.KL_TERMS), ("loss.objective", objectives),
+                           ("loss.grad_estimator", bounds.GRAD_ESTIMATORS),
+                           ("optim.optimizer", OPTIMIZERS), ("optim.schedule", SCHEDULES),
+                           ("train.on_nan", ON_NAN), ("model.prior", models.PRIORS),
+                           ("model.posterior", posteriors.FAMILIES),
+                           ("model.kind", models.KINDS), ("model.activation", models.ACTIVATIONS),
+                           ("model.init", models.INITS)):
         validate.config_choice(config, field, allowed)
-    if config.get("likelihood"):
-        validate.config_choice(config, "likelihood", models.LIKELIHOODS)
-    for field in ("latents", "batch_size", "num_samples", "num_seeds", "outer_samples",
-                  "iaf_steps", "num_pseudo_inputs"):
+    if config.model.likelihood:
+        validate.config_choice(config, "model.likelihood", models.LIKELIHOODS)
+    for field in ("model.latents", "train.batch_size", "loss.num_samples", "train.num_seeds",
+                  "loss.outer_samples", "model.iaf_steps", "model.num_pseudo_inputs"):
         validate.config_int(config, field, minimum=1)
-    for field in ("num_epochs", "eval_importance_samples", "kl_warmup_steps", "iaf_context",
-                  "eval_examples"):
+    for field in ("train.num_epochs", "eval.eval_importance_samples", "loss.kl_warmup_steps",
+                  "model.iaf_context", "eval.eval_examples"):
         validate.config_int(config, field, minimum=0)
-    if not config.learning_rate > 0:
-        raise ValueError(f"config.learning_rate: expected > 0, got {config.learning_rate!r}.")
-    if config.beta < 0 or config.free_bits < 0:
-        raise ValueError("config.beta and config.free_bits: expected >= 0.")
-    if config.free_bits and (config.kl != "analytic" or config.prior != "standard"
-                             or config.posterior != "diag"):
-        raise ValueError("config.free_bits: per-dimension free bits need kl='analytic',"
+    if not config.optim.learning_rate > 0:
+        raise ValueError("config.optim.learning_rate: expected > 0, got"
+                         f" {config.optim.learning_rate!r}.")
+    loss, model = config.loss, config.model
+    if loss.beta < 0 or loss.free_bits < 0:
+        raise ValueError("config.loss.beta and config.loss.free_bits: expected >= 0.")
+    if loss.free_bits and (loss.kl != "analytic" or model.prior != "standard"
+                           or model.posterior != "diag"):
+        raise ValueError("config.loss.free_bits: per-dimension free bits need kl='analytic',"
                          " prior='standard' and posterior='diag' (got kl="
-                         f"{config.kl!r}, prior={config.prior!r}, posterior={config.posterior!r}).")
+                         f"{loss.kl!r}, prior={model.prior!r}, posterior={model.posterior!r}).")
     _check_kl_term(config)
-    _check_objective(config)
+    _check_objective(config.loss)
     for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
-        widths = config[field]
+        widths = model[field]
         if any(not isinstance(h, int) or h < 1 for h in widths) or not (widths or allow_empty):
-            raise ValueError(f"config.{field}: expected a tuple of ints >= 1"
+            raise ValueError(f"config.model.{field}: expected a tuple of ints >= 1"
                              f"{'' if allow_empty else ' (at least one)'}, got {widths!r}.")
-    if config.batch_size % num_devices:
-        raise ValueError(f"config.batch_size: {config.batch_size} must be divisible by the"
-                         f" {num_devices} devices it is sharded over.")
+    if config.train.batch_size % num_devices:
+        raise ValueError(f"config.train.batch_size: {config.train.batch_size} must be divisible"
+                         f" by the {num_devices} devices it is sharded over.")
 
 
 def pair_types(posterior: str, prior: str) -> tuple[type, type]:
@@ -238,39 +308,40 @@ def pair_types(posterior: str, prior: str) -> tuple[type, type]:
 
 
 def _check_kl_term(config):
-    """config.kl applies to the (config.posterior, config.prior) pair (by `check`)."""
+    """config.loss.kl applies to the (posterior, prior) pair of config.model (by `check`)."""
     from vaekl import kl
 
-    if config.objective == "elbo":
-        q_type, p_type = pair_types(config.posterior, config.prior)
-        kl.check_term(f"config.kl: {config.kl!r}", config.kl, q_type, p_type,
-                      pair=(f"posterior={config.posterior!r} with prior={config.prior!r}"
+    if config.loss.objective == "elbo":
+        posterior, prior = config.model.posterior, config.model.prior
+        q_type, p_type = pair_types(posterior, prior)
+        kl.check_term(f"config.loss.kl: {config.loss.kl!r}", config.loss.kl, q_type, p_type,
+                      pair=(f"posterior={posterior!r} with prior={prior!r}"
                             f" ({kl.pair_name(q_type, p_type)})"))
 
 
-def _check_objective(config):
-    """The objective's fields agree with each other (called by `check`)."""
-    objective = config.objective
+def _check_objective(loss):
+    """The fields of config.loss agree with each other (called by `check`)."""
+    objective = loss.objective
     if objective == "elbo":
-        if config.grad_estimator != "reparam":
+        if loss.grad_estimator != "reparam":
             raise ValueError(
-                f"config.grad_estimator: {config.grad_estimator!r} is for the importance-"
-                "weighted objectives; with objective='elbo' the gradient follows config.kl"
+                f"config.loss.grad_estimator: {loss.grad_estimator!r} is for the importance-"
+                "weighted objectives; with objective='elbo' the gradient follows config.loss.kl"
                 " (kl='stl' is sticking the landing; DReG with K = 1 is STL too).")
-    elif config.kl != "analytic" or config.beta != 1.0 or config.kl_warmup_steps \
-            or config.free_bits:
+    elif loss.kl != "analytic" or loss.beta != 1.0 or loss.kl_warmup_steps \
+            or loss.free_bits:
         raise ValueError(
-            f"config.objective: {objective!r} samples its KL inside the bound; config.kl,"
+            f"config.loss.objective: {objective!r} samples its KL inside the bound; kl,"
             " beta, kl_warmup_steps and free_bits apply to objective='elbo' only (got"
-            f" kl={config.kl!r}, beta={config.beta}, kl_warmup_steps="
-            f"{config.kl_warmup_steps}, free_bits={config.free_bits}).")
-    if config.outer_samples > 1 and objective not in ("miwae", "piwae"):
-        raise ValueError(f"config.outer_samples: M = {config.outer_samples} is for"
+            f" kl={loss.kl!r}, beta={loss.beta}, kl_warmup_steps="
+            f"{loss.kl_warmup_steps}, free_bits={loss.free_bits}).")
+    if loss.outer_samples > 1 and objective not in ("miwae", "piwae"):
+        raise ValueError(f"config.loss.outer_samples: M = {loss.outer_samples} is for"
                          f" objective 'miwae' or 'piwae', not {objective!r}.")
-    if not 0.0 <= config.ciwae_beta <= 1.0:
-        raise ValueError(f"config.ciwae_beta: expected a number in [0, 1], got"
-                         f" {config.ciwae_beta!r}.")
-    if not (math.isfinite(config.renyi_alpha) and config.renyi_alpha >= 0):
-        raise ValueError(f"config.renyi_alpha: expected a finite number >= 0 (for alpha < 0"
+    if not 0.0 <= loss.ciwae_beta <= 1.0:
+        raise ValueError(f"config.loss.ciwae_beta: expected a number in [0, 1], got"
+                         f" {loss.ciwae_beta!r}.")
+    if not (math.isfinite(loss.renyi_alpha) and loss.renyi_alpha >= 0):
+        raise ValueError(f"config.loss.renyi_alpha: expected a finite number >= 0 (for alpha < 0"
                          " the Renyi objective is not a lower bound on log p(x)), got"
-                         f" {config.renyi_alpha!r}.")
+                         f" {loss.renyi_alpha!r}.")

@@ -201,7 +201,7 @@ def load(
       seed: seed (>= 0) of the data set's own fixed randomness: the one-off
         binarisation of evaluation splits, the digits and frey_face train/test
         splits, the linear_gaussian draws. Keep it fixed to compare runs; the
-        training randomness is `config.seed`'s (`vaekl.train`).
+        training randomness is `config.train.seed`'s (`vaekl.train`).
       **options: for `linear_gaussian` only: obs_dim (20), latent_dim (5),
         noise_std (0.5), model_seed (0, the seed of W and b), num_train (5000),
         num_test (1000).
@@ -222,7 +222,7 @@ def load(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(
-            f"load({name!r}) got unknown options {unknown} (config.data_options); it takes "
+            f"load({name!r}) got unknown options {unknown} (config.data.data_options); it takes "
             f"{list(allowed) if allowed else 'none'}"
         )
     if name in _TFDS:
@@ -259,17 +259,18 @@ def _load_tfds(name: str, split: str, data_dir: Path, seed: int) -> Dataset:
         raw = sorted(p.name for p in data_dir.glob("*") if p.suffix in _RAW_SUFFIXES)
         if raw:
             raise UnpreparedDatasetError(
-                f"data_dir (config.data_dir) {str(data_dir)!r} holds raw files ("
+                f"data_dir (config.data.data_dir) {str(data_dir)!r} holds raw files ("
                 f"{', '.join(raw[:3])}), not prepared tfds data: raw files are the "
                 f"--manual_dir of `python -m {PREPARE_MODULE}`; data_dir must be a different "
                 f"folder, the --data_dir it writes the prepared tfds data into. From the "
                 f"repository root:\n"
                 f"  python -m {PREPARE_MODULE} --dataset={name} --manual_dir={data_dir} "
-                f"--data_dir=DATA_DIR\nthen pass data_dir=DATA_DIR (--config.data_dir=DATA_DIR)."
+                f"--data_dir=DATA_DIR\nthen pass data_dir=DATA_DIR"
+                f" (--config.data.data_dir=DATA_DIR)."
             )
         raise UnpreparedDatasetError(
             f"tfds data set {name!r} (version {version}) is not prepared in data_dir "
-            f"(config.data_dir) {str(data_dir)!r}, and it is never downloaded. Prepare it "
+            f"(config.data.data_dir) {str(data_dir)!r}, and it is never downloaded. Prepare it "
             f"offline (needs tensorflow-cpu), from the repository root:\n"
             f"  {prepare_command(name, data_dir)}\n"
             f"where --manual_dir holds {spec.manual_files}."
@@ -325,13 +326,13 @@ def _load_digits(split: str, seed: int) -> Dataset:
 def _load_frey_face(split: str, path: str | os.PathLike | None, seed: int) -> Dataset:
     if path is None:
         raise FileNotFoundError(
-            "frey_face needs path= (config.data_path): the path of frey_rawface.mat (in this "
+            "frey_face needs path= (config.data.data_path): the path of frey_rawface.mat (in this "
             "project: ../shared/data/frey/frey_rawface.mat from the repository root)"
         )
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"frey_face: path (config.data_path) {str(path)!r} is not a file; expected the "
+            f"frey_face: path (config.data.data_path) {str(path)!r} is not a file; expected the "
             "path of frey_rawface.mat"
         )
     import scipy.io  # Lazy: only frey_face needs it.

@@ -75,7 +75,7 @@ class Evaluator:
         self._model, self._config, self._keys, self._vmapped = model, config, keys, vmapped
         self._mesh = mesh
         devices = 1 if mesh is None else mesh.size
-        batch = -(-min(config.eval_batch_size, len(test_data)) // devices) * devices
+        batch = -(-min(config.eval.eval_batch_size, len(test_data)) // devices) * devices
         num_batches = -(-len(test_data) // batch)
         pad = num_batches * batch - len(test_data)
         x = np.concatenate([test_data.x, np.zeros((pad, test_data.dim), np.float32)])
@@ -101,7 +101,7 @@ class Evaluator:
             closed = "analytic" in kl.terms(type(q), type(prior))
             k_elbo, k_iwae = jax.random.split(key)
             bound = elbo.elbo(k_elbo, q, log_lik, prior, kl="analytic" if closed else "k1",
-                              num_samples=config.eval_elbo_samples)
+                              num_samples=config.eval.eval_elbo_samples)
             out = {"elbo": bound.elbo, "rate": bound.rate, "distortion": bound.distortion,
                    "mean": _location(q), "per_dim_kl": _per_dim_kl(q, prior)}
             if has_exact_marginal(model):
@@ -110,7 +110,7 @@ class Evaluator:
             if importance_samples:
                 out["log_likelihood"] = bounds.iwae(
                     k_iwae, q, log_lik, prior, num_samples=importance_samples,
-                    chunk_size=config.eval_chunk_size)
+                    chunk_size=config.eval.eval_chunk_size)
             return out
 
         if self._vmapped:
@@ -154,14 +154,15 @@ class Evaluator:
 
     def results(self, summary: dict, num_seeds: int) -> dict:
         """The results.json figures: scalars, plus a per-seed list when vmapped."""
-        extra = {"eval_importance_samples": self._config.eval_importance_samples,
-                 "eval_elbo_samples": self._config.eval_elbo_samples, "test_examples": self._n}
+        evaluation = self._config.eval
+        extra = {"eval_importance_samples": evaluation.eval_importance_samples,
+                 "eval_elbo_samples": evaluation.eval_elbo_samples, "test_examples": self._n}
         if self._exact is not None:
             # Exact log p(x) under the model that generated the data.
             extra["exact_test_log_likelihood"] = self._exact
         if num_seeds == 1:
             return {**summary, **extra}
-        seeds = [{k: v[s] for k, v in summary.items()} | {"seed": self._config.seed + s}
+        seeds = [{k: v[s] for k, v in summary.items()} | {"seed": self._config.train.seed + s}
                  for s in range(num_seeds)]
         means = {k: float(np.mean(v)) for k, v in summary.items() if k != "per_dim_kl"}
         stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items()
@@ -188,10 +189,11 @@ class Evaluator:
         z_key = jax.random.fold_in(keys["eval"], 1)
         if isinstance(prior, DiagNormal):  # The standard normal's fields are scalars.
             prior = DiagNormal(*(jnp.broadcast_to(jnp.asarray(a, jnp.float32),
-                                                  (self._config.latents,)) for a in prior))
+                                                  (self._config.model.latents,)) for a in prior))
         z, _ = prior.sample_and_log_prob(seed=z_key, sample_shape=(64,))
         samples = self._mean_image(model.apply(params, z, method=models.VAE.decode))
-        when = (f"{self._config.dataset}, epoch {epoch} (step {step}), seed {self._config.seed}:"
+        when = (f"{self._config.data.dataset}, epoch {epoch} (step {step}),"
+                f" seed {self._config.train.seed}:"
                 f" test ELBO {float(test_elbo):.2f} nats per example")
         shape = self._shape[:2]
         _save_grid(workdir / "reconstructions.png", np.concatenate([x, recon]), shape, 16,

@@ -5,7 +5,7 @@ example's 784-500-20 net, `hidden=(200, 200)` with tanh the IWAE net, and
 `hidden=()` a linear encoder/decoder. `kind="conv"` gives a small conv net for
 image data. The encoder's posterior family (`posterior`: "diag", "full" or
 "iaf") and the VampPrior are those of `vaekl.posteriors`; the priors are
-`vaekl.distributions`' (`PRIORS` maps `config.prior`'s names to their classes).
+`vaekl.distributions`' (`PRIORS` maps `config.model.prior`'s names to their classes).
 """
 
 import math

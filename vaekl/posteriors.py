@@ -3,7 +3,7 @@ Gaussians (`vaekl.distributions`) and the IAF, defined here with its MADE.
 
 Every family has the `vaekl.distributions` interface (`sample_and_log_prob`, `log_prob`,
 `diagonal`, and `entropy` where closed form), so the bounds, KL terms and evaluation take
-any of them. Families (`FAMILIES`, the names of `config.posterior`, and their classes):
+any of them. Families (`FAMILIES`, the names of `config.model.posterior`, and their classes):
   "diag"  `DiagNormal` N(mean, diag e^log_var), the encoder of every other vaekl model.
   "full"  `FullNormal` N(mean, L L^T) with L lower triangular: the encoder outputs the mean,
           log L_ii^2 (the diagonal's log-variances, as "diag" does) and the
@@ -99,7 +99,7 @@ class IAF(NamedTuple):
         return DiagNormal(self.mean, self.log_var)
 
 
-FAMILIES = {"diag": DiagNormal, "full": FullNormal, "iaf": IAF}  # config.posterior's names.
+FAMILIES = {"diag": DiagNormal, "full": FullNormal, "iaf": IAF}  # config.model.posterior's names.
 
 
 # --- MADE: the autoregressive network of each IAF step. ---

@@ -35,28 +35,29 @@ def seed_keys(seed: int) -> dict[str, jax.Array]:
 def make_loss_fn(model: models.VAE, config):
     """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars).
 
-    `config.objective` "elbo" is the ELBO of the posterior family `config.posterior`
-    with the KL term `config.kl` (and beta, KL warm-up, free bits); the others are
-    `vaekl.bounds` objectives of the same q, whose loss is minus the bound and whose
-    gradient is `config.grad_estimator`'s.
+    `config.loss.objective` "elbo" is the ELBO of the posterior family
+    `config.model.posterior` with the KL term `config.loss.kl` (and beta, KL warm-up, free
+    bits); the others are `vaekl.bounds` objectives of the same q, whose loss is minus the
+    bound and whose gradient is `config.loss.grad_estimator`'s.
     """
-    kl_term, num_samples = config.kl, config.num_samples
-    beta, warmup, free_bits = config.beta, config.kl_warmup_steps, config.free_bits
+    loss_config = config.loss
+    kl_term, num_samples = loss_config.kl, loss_config.num_samples
+    beta, warmup, free_bits = loss_config.beta, loss_config.kl_warmup_steps, loss_config.free_bits
 
     def bound_loss_fn(params, x, key, step):
         del step
         q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        out = bounds.objective(key, q, log_lik, prior, objective=config.objective,
-                               num_samples=num_samples, grad_estimator=config.grad_estimator,
-                               outer_samples=config.outer_samples, alpha=config.renyi_alpha,
-                               beta=config.ciwae_beta)
+        out = bounds.objective(key, q, log_lik, prior, objective=loss_config.objective,
+                               num_samples=num_samples, grad_estimator=loss_config.grad_estimator,
+                               outer_samples=loss_config.outer_samples,
+                               alpha=loss_config.renyi_alpha, beta=loss_config.ciwae_beta)
         loss = -jnp.mean(out.bound)
         return loss, {"loss": loss, "bound": jnp.mean(out.bound), "elbo": jnp.mean(out.elbo),
                       "rate": jnp.mean(out.rate), "distortion": jnp.mean(out.distortion)}
 
-    if config.objective != "elbo":
+    if loss_config.objective != "elbo":
         return bound_loss_fn
 
     def loss_fn(params, x, key, step):
@@ -88,13 +89,13 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
     (1.4 s more compilation for binarized MNIST).
 
     The metric "grad_norm" is computed only at the steps that are logged (every
-    `config.log_every_steps`; it is 0 at the others): on a 2-core CPU computing it
+    `config.train.log_every_steps`; it is 0 at the others): on a 2-core CPU computing it
     every step cost 10% of the step. With `on_nan='skip'` it is computed every
     step, since the skip decision needs it.
     """
     loss_fn = make_loss_fn(model, config)
-    batch_size, skip_bad = config.batch_size, config.on_nan == "skip"
-    log_every = config.log_every_steps
+    batch_size, skip_bad = config.train.batch_size, config.train.on_nan == "skip"
+    log_every = config.train.log_every_steps
     batch_sharding = distributed.batch_sharded(mesh)
 
     def grad_norm(grads, step):
@@ -135,7 +136,8 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
 
 def init_state(model: models.VAE, tx, config, key: jax.Array, data_dim: int) -> TrainState:
     """Step 0: the model's parameters drawn from `key` and the optimiser's initial state."""
-    params = model.init(key, jnp.zeros((1, data_dim), jnp.float32), jnp.zeros((1, config.latents)))
+    params = model.init(key, jnp.zeros((1, data_dim), jnp.float32),
+                        jnp.zeros((1, config.model.latents)))
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
@@ -143,15 +145,15 @@ def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, bina
                  mesh=None, vmap_seeds: bool | None = None):
     """(keys, init, epoch): what `train_and_evaluate` runs, for it and for benchmarks.
 
-    `keys` are the seeds' keys (config.seed, config.seed + 1, ... stacked when
-    config.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
+    `keys` are the seeds' keys (config.train.seed, seed + 1, ... stacked when
+    config.train.num_seeds > 1); init(keys) -> TrainState and epoch(state, keys, epoch,
     train_x) -> (state, metrics) are jitted, over several seeds vmapped, and the
     epoch donates the state; with a `mesh` both return arrays replicated over it.
     `vmap_seeds=False` maps the epoch over the seeds instead (`_seed_after_seed`);
     by default it does so on CPUs.
     """
-    num_seeds = config.num_seeds
-    keys = [seed_keys(config.seed + s) for s in range(num_seeds)]
+    num_seeds = config.train.num_seeds
+    keys = [seed_keys(config.train.seed + s) for s in range(num_seeds)]
     keys = jax.tree.map(lambda *k: jnp.stack(k), *keys) if num_seeds > 1 else keys[0]
     vmap = (lambda f, **kw: jax.vmap(f, **kw)) if num_seeds > 1 else (lambda f, **kw: f)
     replicated = distributed.replicated(mesh)

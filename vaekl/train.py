@@ -5,7 +5,7 @@ device call with the state donated, and its randomness is folded from the step a
 epoch numbers, so a resumed run draws exactly the numbers an uninterrupted one
 would: on CPU its final parameters are bitwise equal.
 
-`config.num_seeds > 1` trains that many seeds (config.seed, config.seed + 1, ...)
+`config.train.num_seeds > 1` trains that many seeds (seed, seed + 1, ...)
 in one program: with `jax.vmap` on accelerators, one seed after another
 (`lax.map`) on CPUs, where that is faster.
 
@@ -41,30 +41,32 @@ class TrainingDiverged(RuntimeError):
 
 
 def create_model(config, train_data) -> models.VAE:
-    """The VAE that `config` describes, sized for `train_data`."""
-    likelihood = config.get("likelihood") or train_data.likelihood
-    return models.VAE(
-        latents=config.latents, data_dim=train_data.dim, hidden=tuple(config.hidden),
-        activation=config.activation, likelihood=likelihood,
-        fixed_log_scale=config.get("fixed_log_scale"), prior=config.prior,
-        num_components=config.num_components, kind=config.kind,
-        image_shape=tuple(train_data.shape), init_scheme=config.init,
-        posterior=config.posterior, iaf_steps=config.iaf_steps,
-        iaf_hidden=tuple(config.iaf_hidden), iaf_context=config.iaf_context,
-        num_pseudo_inputs=config.num_pseudo_inputs)
+    """The VAE that `config.model` describes, sized for `train_data`.
+
+    Every field of config.model is passed on under its own name: a new VAE attribute
+    needs only its default in vaekl/config.py. Two names differ from Flax's: `init` is
+    the VAE's `init_scheme` (a Module's `init` is a method), and `likelihood` "" takes
+    the data set's.
+    """
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+              for k, v in config.model.items()}
+    fields["init_scheme"] = fields.pop("init")
+    fields["likelihood"] = fields["likelihood"] or train_data.likelihood
+    return models.VAE(**fields, data_dim=train_data.dim, image_shape=tuple(train_data.shape))
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Optax optimiser with the learning-rate schedule of `config.schedule`."""
-    total = config.num_epochs * steps_per_epoch
-    lr = config.learning_rate
-    if config.schedule == "constant":
+    """Optax optimiser of `config.optim`, with the learning-rate schedule of its `schedule`."""
+    total = config.train.num_epochs * steps_per_epoch
+    optim = config.optim
+    lr = optim.learning_rate
+    if optim.schedule == "constant":
         schedule = optax.constant_schedule(lr)
-    elif config.schedule == "cosine":
+    elif optim.schedule == "cosine":
         schedule = optax.cosine_decay_schedule(lr, max(total, 1))
-    elif config.schedule == "warmup_cosine":
+    elif optim.schedule == "warmup_cosine":
         schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, config.warmup_steps, max(total, config.warmup_steps + 1))
+            0.0, lr, optim.warmup_steps, max(total, optim.warmup_steps + 1))
     else:  # "iwae": Burda et al., 3^i epochs at lr * round(10^(-i/7), 1), i = 0..7.
         boundaries, values, epoch = [], [lr], 0
         for i in range(8):
@@ -73,32 +75,34 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
             values.append(lr * round(10 ** (-(i + 1) / 7), 1))
         schedule = optax.piecewise_constant_schedule(
             lr, {b: values[i + 1] / values[i] for i, b in enumerate(boundaries[:-1])})
-    if config.optimizer == "sgd":
-        return optax.sgd(schedule, momentum=config.momentum or None)
-    opt = optax.adamw if config.optimizer == "adamw" else optax.adam
-    kwargs = {"weight_decay": config.weight_decay} if config.optimizer == "adamw" else {}
-    return opt(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, **kwargs)
+    if optim.optimizer == "sgd":
+        return optax.sgd(schedule, momentum=optim.momentum or None)
+    opt = optax.adamw if optim.optimizer == "adamw" else optax.adam
+    kwargs = {"weight_decay": optim.weight_decay} if optim.optimizer == "adamw" else {}
+    return opt(schedule, b1=optim.adam_b1, b2=optim.adam_b2, eps=optim.adam_eps, **kwargs)
 
 
 def _objective_name(config) -> str:
     """How plot titles name the training objective, e.g. "kl=analytic" or "iwae K=5, dreg"."""
-    if config.objective == "elbo":
-        return f"kl={config.kl}" + (f", K={config.num_samples}" if config.num_samples > 1 else "")
-    return f"{config.objective} K={config.num_samples}, {config.grad_estimator}"
+    loss = config.loss
+    if loss.objective == "elbo":
+        return f"kl={loss.kl}" + (f", K={loss.num_samples}" if loss.num_samples > 1 else "")
+    return f"{loss.objective} K={loss.num_samples}, {loss.grad_estimator}"
 
 
 def load_data(config):
-    """(train, test) `vaekl.data.Dataset`s for `config.dataset`; the test split cut to its
-    first `config.eval_examples` examples when that is set."""
+    """(train, test) `vaekl.data.Dataset`s for `config.data.dataset`; the test split cut to
+    its first `config.eval.eval_examples` examples when that is set."""
     from vaekl import data  # Lazy: the data module reaches for tensorflow-datasets.
 
-    kwargs = dict(data_dir=config.get("data_dir"), path=config.get("data_path") or None,
-                  seed=config.data_seed, **dict(config.get("data_options", {})))
-    train, test = (data.load(config.dataset, split, **kwargs) for split in ("train", "test"))
-    num = config.get("eval_examples", 0)
+    d = config.data
+    kwargs = dict(data_dir=d.data_dir, path=d.data_path or None, seed=d.data_seed,
+                  **dict(d.data_options))
+    train, test = (data.load(d.dataset, split, **kwargs) for split in ("train", "test"))
+    num = config.eval.eval_examples
     if num > len(test):
-        raise ValueError(f"config.eval_examples: {num} is more than the {len(test)} test"
-                         f" examples of {config.dataset!r} (0 evaluates them all).")
+        raise ValueError(f"config.eval.eval_examples: {num} is more than the {len(test)} test"
+                         f" examples of {d.dataset!r} (0 evaluates them all).")
     if num:
         test = dataclasses.replace(test, x=test.x[:num],
                                    labels=None if test.labels is None else test.labels[:num])
@@ -133,32 +137,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
     config_lib.check(config, num_devices=len(devices))
     workdir_lib.prepare_workdir(workdir)  # An unusable workdir fails before the data loads.
     train_data, test_data = load_data(config)
-    if config.batch_size > len(train_data):
-        raise ValueError(f"config.batch_size: {config.batch_size} is larger than the"
-                         f" {len(train_data)} training examples of {config.dataset!r}.")
+    if config.train.batch_size > len(train_data):
+        raise ValueError(f"config.train.batch_size: {config.train.batch_size} is larger than the"
+                         f" {len(train_data)} training examples of {config.data.dataset!r}.")
     # Checked now, written once the checkpoint is known to fit the config: a config its data
     # refuse, or one with fewer epochs than the workdir's run has trained, leaves config.json
     # as it was (the one that describes the run's results).
     work = workdir_lib.prepare(workdir, config, write=False)
     model = create_model(config, train_data)
-    steps_per_epoch = len(train_data) // config.batch_size
-    total_steps = config.num_epochs * steps_per_epoch
+    steps_per_epoch = len(train_data) // config.train.batch_size
+    num_epochs, seed = config.train.num_epochs, config.train.seed
+    total_steps = num_epochs * steps_per_epoch
     tx = create_optimizer(config, steps_per_epoch)
     mesh = distributed.data_mesh()
     train_x = jax.device_put(train_data.x, distributed.replicated(mesh))
-    num_seeds = config.num_seeds
+    num_seeds = config.train.num_seeds
     keys, init, epoch_step = steps_lib.training_fns(model, config, tx, data_dim=train_data.dim,
                                           steps_per_epoch=steps_per_epoch,
                                           binarize=train_data.dynamic_binarization, mesh=mesh)
     state = init(keys)
 
-    ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(work / "checkpoints", max_to_keep=config.train.keep_checkpoints)
     step, state = ckpt.restore_latest(state)  # Sharded like the template: replicated.
     if step is not None and step > total_steps:
         ckpt.close()
         raise ValueError(
-            f"config.num_epochs: {workdir!r} holds a run trained for {step // steps_per_epoch}"
-            f" epochs (its checkpoint is at step {step}), more than the {config.num_epochs}"
+            f"config.train.num_epochs: {workdir!r} holds a run trained for"
+            f" {step // steps_per_epoch} epochs (its checkpoint is at step {step}), more than"
+            f" the {num_epochs}"
             " asked; a run cannot be resumed backwards: ask for at least as many epochs, or"
             " choose a new --workdir.")
     if primary:
@@ -168,10 +174,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = step or 0
     writer = workdir_lib.MetricWriter(
         work, resume_step=step, redo_eval=step == total_steps, enabled=primary,
-        seeds=range(config.seed, config.seed + num_seeds) if num_seeds > 1 else None)
+        seeds=range(seed, seed + num_seeds) if num_seeds > 1 else None)
     num_params = sum(x.size for x in jax.tree.leaves(state.params)) // num_seeds
     logging.info("%s: %d parameters per seed, %d steps per epoch, %d epochs, %d seed(s).",
-                 config.dataset, num_params, steps_per_epoch, config.num_epochs, num_seeds)
+                 config.data.dataset, num_params, steps_per_epoch, num_epochs, num_seeds)
 
     evaluator = evaluate.Evaluator(model, config, test_data, keys, vmapped=num_seeds > 1,
                                    mesh=mesh)
@@ -200,13 +206,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # run finish its writes (its work is done) instead of ending it halfway through them.
     with interrupt.deferred_signals() as stop:
         try:
-            if first_epoch < config.num_epochs:
+            if first_epoch < num_epochs:
                 train_wall += _compile(epoch_step, state, keys, first_epoch, train_x)
                 stop_if_signalled()
             progress = progress_lib.Progress("train", total_steps, unit="steps", done=step,
                                              first_is_warmup=False)
             last_save = time.time()
-            for epoch in range(first_epoch, config.num_epochs):
+            for epoch in range(first_epoch, num_epochs):
                 t0 = time.time()
                 state, metrics = epoch_step(state, keys, epoch, train_x)
                 metrics = jax.tree.map(np.asarray, metrics)  # The one host sync of the epoch.
@@ -215,32 +221,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 step = (epoch + 1) * steps_per_epoch
                 _check_finite(metrics, epoch * steps_per_epoch, config, ckpt)
                 writer.write_train(metrics, first_step=epoch * steps_per_epoch + 1,
-                                   every=config.log_every_steps, at_step=("grad_norm",),
+                                   every=config.train.log_every_steps, at_step=("grad_norm",),
                                    start_time=t0, end_time=t1)
-                if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0 \
-                        and epoch + 1 < config.num_epochs:
+                eval_every = config.eval.eval_every_epochs
+                if eval_every and (epoch + 1) % eval_every == 0 and epoch + 1 < num_epochs:
                     writer.write_scalars(step, evaluator.summary(
-                        state.params, importance_samples=config.eval_importance_samples_during,
+                        state.params, importance_samples=config.eval.eval_importance_samples_during,
                         stop=stop_if_signalled), split="eval")
-                every = config.checkpoint_every_epochs
-                if (every and (epoch + 1) % every == 0) or epoch + 1 == config.num_epochs \
+                every = config.train.checkpoint_every_epochs
+                if (every and (epoch + 1) % every == 0) or epoch + 1 == num_epochs \
                         or distributed.agree(time.time() - last_save >=
-                                             config.checkpoint_every_secs):
+                                             config.train.checkpoint_every_secs):
                     save()
                     last_save = time.time()
                 progress.advance(steps_per_epoch, loss=float(np.mean(metrics["loss"])))
                 stop_if_signalled()
-            per_example = evaluator.per_example(state.params, config.eval_importance_samples,
+            per_example = evaluator.per_example(state.params, config.eval.eval_importance_samples,
                                                 stop=stop_if_signalled)
             summary = evaluate.summarize(per_example)
             writer.write_scalars(step, summary, split="eval")
             results = evaluator.results(summary, num_seeds)
             results.update(num_params=int(num_params), steps=int(step), train_wall_s=train_wall,
                            total_wall_s=time.time() - start_time, steps_per_epoch=steps_per_epoch,
-                           dataset=config.dataset, kl=config.kl, num_samples=config.num_samples,
-                           objective=config.objective, grad_estimator=config.grad_estimator,
-                           outer_samples=config.outer_samples,
-                           seed=config.seed, num_seeds=num_seeds, devices=len(devices),
+                           dataset=config.data.dataset, kl=config.loss.kl,
+                           num_samples=config.loss.num_samples, objective=config.loss.objective,
+                           grad_estimator=config.loss.grad_estimator,
+                           outer_samples=config.loss.outer_samples, seed=seed,
+                           num_seeds=num_seeds, devices=len(devices),
                            processes=jax.process_count(), platform=devices[0].platform)
             if primary:
                 workdir_lib.write_per_example(work, per_example)
@@ -255,7 +262,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if primary:
             evaluate.write_learning_curve(
                 workdir_lib.read_metrics(work / "metrics.jsonl"), work / "learning_curve.png",
-                title=f"{config.dataset}, {_objective_name(config)}, {config.num_epochs} epochs")
+                title=f"{config.data.dataset}, {_objective_name(config)}, {num_epochs} epochs")
         if stop.signum is not None:
             logging.warning("%s came after the final evaluation: the run finished.",
                             signal.Signals(stop.signum).name)
@@ -280,7 +287,7 @@ def _compile(epoch_step, *args) -> float:
 
 def _check_finite(metrics: dict, first_step: int, config, ckpt):
     """Raises `TrainingDiverged` at the first non-finite step, unless steps are skipped."""
-    if config.on_nan == "skip":
+    if config.train.on_nan == "skip":
         skipped = int(np.sum(metrics["skipped"]))
         if skipped:
             logging.warning("Skipped %d steps with a non-finite loss or gradient.", skipped)
@@ -301,5 +308,5 @@ def _check_finite(metrics: dict, first_step: int, config, ckpt):
         f"Training diverged at step {first_step + first + 1}:"
         f" metric{'s' if len(culprits) > 1 else ''} {', '.join(culprits)}."
         f" The last good checkpoint ({'step ' + str(kept[-1]) if kept else 'none'})"
-        " is kept; lower config.learning_rate, or set config.on_nan='skip' to skip such"
-        " steps.")
+        " is kept; lower config.optim.learning_rate, or set config.train.on_nan='skip' to skip"
+        " such steps.")

@@ -1,7 +1,7 @@
 """Input checks shared by the public functions and the config: dtypes, shapes, names, counts.
 
 Every message names what it checks: a function's argument ("vaekl.kl.sampled:
-`num_samples` must be >= 1") or a config field ("config.kl: unknown value").
+`num_samples` must be >= 1") or a config field ("config.loss.kl: unknown value").
 
 Shape and dtype checks run at trace time (they only read static information), so
 they cost nothing inside `jax.jit`. Finiteness is a value check: it is recorded
@@ -83,8 +83,15 @@ def nonnegative_int(fn_name: str, name: str, value) -> int:
 
 
 def config_int(config, field: str, *, minimum: int) -> int:
-    """Checks that `config.<field>` is an int >= minimum."""
-    return _int_at_least(f"config.{field}", config[field], minimum)
+    """Checks that `config.<field>` (a dotted path, "model.latents") is an int >= minimum."""
+    return _int_at_least(f"config.{field}", _at(config, field), minimum)
+
+
+def _at(config, path: str):
+    """The value at a dotted `path` of a nested config."""
+    for key in path.split("."):
+        config = config[key]
+    return config
 
 
 def _int_at_least(subject: str, value, minimum: int) -> int:
@@ -115,8 +122,8 @@ def choice(fn_name: str, name: str, value, allowed: Iterable[str]) -> str:
 
 
 def config_choice(config, field: str, allowed: Iterable[str]) -> str:
-    """Checks that `config.<field>` is one of `allowed`."""
-    return _one_of(f"config.{field}: unknown value", config[field], allowed)
+    """Checks that `config.<field>` (a dotted path, "loss.kl") is one of `allowed`."""
+    return _one_of(f"config.{field}: unknown value", _at(config, field), allowed)
 
 
 def _one_of(subject: str, value, allowed: Iterable[str]) -> str:

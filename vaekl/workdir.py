@@ -19,11 +19,10 @@ import numpy as np
 
 from vaekl import config as config_lib
 
-# Fields that may differ when a run is resumed: they do not change what is trained.
-RESUMABLE_CHANGES = ("num_epochs", "eval_importance_samples", "eval_every_epochs",
-                     "eval_importance_samples_during", "eval_elbo_samples", "eval_batch_size",
-                     "eval_examples", "eval_chunk_size", "log_every_steps", "data_dir",
-                     "data_path")
+# Fields that may differ when a run is resumed, besides every field of the groups of
+# `config_lib.RESUMABLE_GROUPS` (evaluation): they do not change what is trained. (Where the
+# data are read from; how often metrics are logged; num_epochs, which resumes to more epochs.)
+RESUMABLE_FIELDS = ("num_epochs", "log_every_steps", "data_dir", "data_path")
 # Schedules whose learning rate at every step depends on num_epochs (through the total
 # number of steps): for them a resume with another num_epochs would train something else.
 EPOCH_DEPENDENT_SCHEDULES = ("cosine", "warmup_cosine")
@@ -84,27 +83,42 @@ def prepare(workdir: str, config, *, write: bool = True) -> Path:
         that changes what is trained (the old run's files stay untouched).
     """
     path = prepare_workdir(workdir)
-    new = json.loads(config.to_json_best_effort())
     config_path = path / "config.json"
     if config_path.exists():
-        # A field that vaekl gained after that run began reads there as its default, which
-        # keeps the behaviour from before the field (a new field's default must).
-        defaults = json.loads(config_lib.get_config().to_json_best_effort())
-        old = {**defaults, **json.loads(config_path.read_text())}
-        resumable = set(RESUMABLE_CHANGES)
-        if new.get("schedule") in EPOCH_DEPENDENT_SCHEDULES:
+        # Compared leaf by leaf (leaf names are unique), so a config.json of the flat layout
+        # (written before the config was nested) resumes like a nested one. A field that
+        # vaekl gained after that run began reads there as its default, which keeps the
+        # behaviour from before the field (a new field's default must).
+        try:
+            saved = config_lib.leaves(json.loads(config_path.read_text()))
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"--workdir: {workdir!r} holds a config.json that is not a config"
+                             " (neither nested nor the flat layout of vaekl.config's table);"
+                             " choose a new --workdir.") from None
+        defaults = config_lib.leaves(json.loads(config_lib.get_config().to_json_best_effort()))
+        old = {**defaults, **saved}
+        full = {**defaults, **config_lib.leaves(json.loads(config.to_json_best_effort()))}
+        groups = config_lib.groups()
+        resumable = {k for k, g in groups.items() if g in config_lib.RESUMABLE_GROUPS}
+        resumable |= set(RESUMABLE_FIELDS)
+        if full.get("schedule") in EPOCH_DEPENDENT_SCHEDULES:
             resumable.discard("num_epochs")
-        full = {**defaults, **new}
         changed = sorted(k for k in set(old) | set(full)
                          if old.get(k) != full.get(k) and k not in resumable)
         if changed:
-            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {full.get(k)!r}" for k in changed)
+            diffs = ", ".join(f"{_path(k, groups)}: {old.get(k)!r} -> {full.get(k)!r}"
+                              for k in changed)
             raise ValueError(
                 f"--workdir: {workdir!r} holds a run with a different config ({diffs}); resume"
                 " it with the same config or choose a new --workdir.")
     if write:
         write_config(path, config)
     return path
+
+
+def _path(leaf: str, groups: dict) -> str:
+    """`group.leaf`, the name of a leaf in the nested config (the leaf itself if unknown)."""
+    return f"{groups[leaf]}.{leaf}" if groups.get(leaf) else leaf
 
 
 def write_config(path: Path, config) -> None:

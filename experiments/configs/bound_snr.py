@@ -5,7 +5,7 @@ Run:
   python -m experiments.main --config=experiments/configs/bound_snr.py:quick --workdir=DIR
 
 The VAE part trains on binarized_mnist, found the way the train config finds tfds
-data (`--config.train.data_dir=`, else $TFDS_DATA_DIR / ~/tensorflow_datasets);
+data (`--config.vae.data.data_dir=`, else $TFDS_DATA_DIR / ~/tensorflow_datasets);
 `quick` uses the embedded digits and few draws.
 """
 
@@ -34,11 +34,11 @@ def get_config(arg=None):
     c.toy_perturbations = (0.1, 0.01)  # Std of the N(0, s^2) moves of A and b off the optimum.
     c.toy_draws = 500 if quick else 40000  # Gradient draws per (K, estimator).
     # The VAE: 784-200-20 tanh, the ELBO with the analytic KL, batch 100, Adam 1e-3.
-    train = train_config.get_config("quick" if quick else None)
-    train.dataset = "digits" if quick else "binarized_mnist"
-    train.latents, train.hidden, train.activation = 20, (200,), "tanh"
-    train.batch_size = 100
-    c.train = train  # The VAE's training config (train.py's fields).
+    vae = train_config.get_config("quick" if quick else None)
+    vae.data.dataset = "digits" if quick else "binarized_mnist"
+    vae.model.latents, vae.model.hidden, vae.model.activation = 20, (200,), "tanh"
+    vae.train.batch_size = 100
+    c.vae = vae  # The VAE's training config (train.py's fields).
     c.vae_epochs = 1 if quick else 5  # Epochs of the trained checkpoint.
     c.vae_batch_size = 10  # The fixed batch: the first test images.
     c.vae_draws = 200 if quick else 1000  # Gradient draws per (K, estimator); 0: no VAE.

@@ -28,8 +28,8 @@ PRESETS = {"full": "Burda's 3,280 epochs", "short": "the first 4 stages, 40 epoc
 def get_config(protocol=None):
     protocol = presets.check("burda", protocol, PRESETS) or "short"
     c = train.get_config("iwae")
-    c.num_epochs = PROTOCOLS[protocol]  # The protocol's epochs of Burda's schedule.
-    c.checkpoint_every_secs = 60.0  # Seconds after which an epoch's end checkpoints.
+    c.train.num_epochs = PROTOCOLS[protocol]  # The protocol's epochs of Burda's schedule.
+    c.train.checkpoint_every_secs = 60.0  # Seconds after which an epoch's end checkpoints.
     if protocol == "quick":
-        c.dataset, c.eval_importance_samples, c.log_every_steps = "digits", 20, 20
+        c.data.dataset, c.eval.eval_importance_samples, c.train.log_every_steps = "digits", 20, 20
     return c

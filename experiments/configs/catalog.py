@@ -20,6 +20,8 @@ from pathlib import Path
 
 import ml_collections
 
+from vaekl import config as config_lib
+
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 TRAIN = "train"  # The experiment that `vaekl.train.train_and_evaluate` runs.
@@ -65,7 +67,8 @@ def load(spec: str) -> tuple[str, ml_collections.ConfigDict]:
 
 
 def field_docs(file) -> dict[str, str]:
-    """Field -> the comment on the line(s) where `get_config` of `file` sets it, in order."""
+    """Field -> the comment on the line(s) where `get_config` of `file` sets it, in order
+    (the fields of a group, `m.latents = 20  # ...`, by their own names)."""
     source = Path(file).read_text()
     if "def get_config(" not in source:  # A file that takes its config from the package.
         module_spec = importlib.util.spec_from_file_location("experiments_config", file)
@@ -81,12 +84,13 @@ def field_docs(file) -> dict[str, str]:
                     if isinstance(node, ast.Return) and isinstance(node.value, ast.Name))
     docs, base = {}, {}
     for node in ast.walk(get_config):
-        target = node.targets[0] if isinstance(node, ast.Assign) else None
+        target = node.targets[-1] if isinstance(node, ast.Assign) else None
         if isinstance(target, ast.Name) and target.id == returned and _config_call(node.value):
             # `c = train.get_config(...)`: the fields it starts from keep that file's lines.
             base = field_docs(Path(__file__).parent / f"{_config_call(node.value)}.py")
-        if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-                and target.value.id == returned):
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+            # `c.field = ...` or, in a group, `m.field = ...` and `m = c.model = ...`: keyed
+            # by the field's own name (a train config's leaf names are unique).
             lines = [comments[i] for i in range(node.lineno, node.end_lineno + 1)
                      if i in comments]
             if lines:
@@ -114,7 +118,7 @@ def field_lines(config, path: str, docs: dict) -> list[str]:
         if isinstance(value, ml_collections.ConfigDict) and len(value):
             file = files.get(value.get("experiment"))
             lines.append(f"  {flag + '.*':<48} {docs.get(key, '')}".rstrip())
-            lines += field_lines(value, f"{path}.{key}", field_docs(REPO / file) if file else {})
+            lines += field_lines(value, f"{path}.{key}", field_docs(REPO / file) if file else docs)
         else:
             shown = repr(value.to_dict() if hasattr(value, "to_dict") else value)
             shown = shown if len(shown) <= 40 else shown[:36] + " ..."
@@ -124,6 +128,10 @@ def field_lines(config, path: str, docs: dict) -> list[str]:
 
 def no_field(holder: str, key: str, known, file: str) -> str:
     """What to say of field `key` that `holder` (with fields `known`, from `file`) lacks."""
+    group = config_lib.groups().get(key)
+    if group and group in known:  # A train config's leaf under its flat (old) name.
+        return (f"{holder} has no field {key!r}; it is {holder}.{group}.{key} (see the table"
+                " of vaekl/config.py).")
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = (f"did you mean {close[0]!r}?" if close else
             f"`python -m experiments.main --help --config={file}` lists them.")
@@ -151,7 +159,7 @@ def _choices() -> dict[str, dict[str, tuple]]:
     from experiments import main_job  # Lazy: --help does without JAX.
     from vaekl import data, elbo, kl
 
-    return {TRAIN: {"dataset": data.NAMES},
+    return {TRAIN: {"data.dataset": data.NAMES},
             "estimators": {"estimators": kl.ESTIMATORS},
             "gradient_variance": {"estimators": elbo.KL_TERMS},
             "compare_training": {"kls": elbo.KL_TERMS},
@@ -204,7 +212,9 @@ def _enumerated(config, path: str, choices: dict) -> list[str]:
     """Problems of the enumerated fields of `config` and of its sub-configs."""
     problems = []
     for field, allowed in choices.get(config.get("experiment"), {}).items():
-        value = config.get(field)
+        value = config
+        for key in field.split("."):  # A dotted field is one of a group ("data.dataset").
+            value = value.get(key)
         values = value if isinstance(value, (list, tuple)) else (value,)
         bad = [v for v in values if v not in allowed]
         if bad:

@@ -3,9 +3,9 @@
 Run:
   python -m experiments.main --config=experiments/configs/compare_training.py --workdir=DIR
   python -m experiments.main --config=experiments/configs/compare_training.py:quick --workdir=DIR
-  ... --config.train.dataset=binarized_mnist --config.train.num_epochs=10   # another data set
+  ... --config.vae.data.dataset=binarized_mnist --config.vae.train.num_epochs=10  # other data
 
-Each (kl, num_samples) run trains `train.num_seeds` seeds in one vmapped program in
+Each (kl, num_samples) run trains `vae.train.num_seeds` seeds in one vmapped program in
 DIR/runs/<kl>_n<num_samples>; rerunning skips runs that finished.
 """
 
@@ -23,19 +23,19 @@ def get_config(arg=None):
     config.experiment = "compare_training"  # What runs: experiments.compare_training.
     config.kls = ("analytic", "k1", "k3", "stl")  # KL terms, each of vaekl.elbo.KL_TERMS.
     config.num_samples = (1, 5)  # Draws of z per example; one run per (kl, num_samples).
-    train = train_config.get_config()
-    train.dataset = "digits"
-    train.num_seeds = 2 if quick else 3
-    train.num_epochs = 3 if quick else 200
-    train.eval_every_epochs = 1 if quick else 10  # Test ELBO curves.
+    vae = train_config.get_config()
+    vae.data.dataset = "digits"
+    vae.train.num_seeds = 2 if quick else 3
+    vae.train.num_epochs = 3 if quick else 200
+    vae.eval.eval_every_epochs = 1 if quick else 10  # Test ELBO curves.
     # The final log-likelihood (IWAE bound); the curves hold the ELBO (and, in quick, the
     # same IWAE bound: one evaluation program serves both).
-    train.eval_importance_samples = 20 if quick else 1000
-    train.eval_importance_samples_during = 20 if quick else 0
+    vae.eval.eval_importance_samples = 20 if quick else 1000
+    vae.eval.eval_importance_samples_during = 20 if quick else 0
     # Draws of z per test example in the test ELBO: a one-draw ELBO on 300 examples has a
     # standard error of about 0.2 nats, as large as the differences between KL terms.
-    train.eval_elbo_samples = 10 if quick else 100
-    train.log_every_steps = 5 if quick else 23
-    train.checkpoint_every_secs = 1e9  # Only the final checkpoint.
-    config.train = train  # The training config of every run (train.py's fields).
+    vae.eval.eval_elbo_samples = 10 if quick else 100
+    vae.train.log_every_steps = 5 if quick else 23
+    vae.train.checkpoint_every_secs = 1e9  # Only the final checkpoint.
+    config.vae = vae  # The training config of every run (train.py's fields).
     return config

@@ -5,7 +5,7 @@ Run:
   python -m experiments.main --config=experiments/configs/gradient_variance.py:quick --workdir=DIR
 
 A VAE on `digits` at initialisation, early in training and converged (trained with
-train.py's initialisation and jitted epoch for `config.train`), and a linear-Gaussian model
+train.py's initialisation and jitted epoch for `config.vae`), and a linear-Gaussian model
 whose exact posterior a diagonal linear encoder matches exactly.
 """
 
@@ -29,9 +29,9 @@ def get_config(arg=None):
     config.batch_size = 64  # The fixed batch: the first test examples.
     # The VAE (model, data, optimiser: train.py's config; its kl is the one trained with) and
     # its checkpoints: init (0 epochs), early and converged.
-    train = train_config.get_config()
-    train.dataset = "digits"
-    config.train = train  # The VAE's training config (train.py's fields).
+    vae = train_config.get_config()
+    vae.data.dataset = "digits"
+    config.vae = vae  # The VAE's training config (train.py's fields).
     config.early_epochs = 1  # Epochs of the early checkpoint.
     config.converged_epochs = 5 if quick else 300  # Epochs of the converged checkpoint.
     # The linear-Gaussian model: W = Q diag(lg_scales), Q with orthonormal columns.

@@ -12,8 +12,8 @@ Parts, each in DIR/<part> with its own results.json, results.md and plots:
                      exact posterior (where STL's encoder gradient has zero variance)
   compare_training   a VAE on digits trained with each KL term (one sample per example)
   posterior_gap      log p(x) = ELBO + KL(q(z|x) || p(z|x)), exactly, on the linear-Gaussian model
-Any part's field can be overridden, e.g. --config.compare_training.train.num_epochs=50, and
---config.parts='("posterior_gap",)' runs a subset.
+Any part's field can be overridden, e.g. --config.compare_training.vae.train.num_epochs=50,
+and --config.parts='("posterior_gap",)' runs a subset.
 """
 
 import ml_collections
@@ -44,9 +44,10 @@ def get_config(arg=None):
     train = compare_training.get_config("quick")
     if not quick:
         train.num_samples = (1,)
-        train.train.num_epochs = 20
-        train.train.eval_every_epochs = 2
-        train.train.eval_importance_samples = train.train.eval_importance_samples_during = 100
+        train.vae.train.num_epochs = 20
+        train.vae.eval.eval_every_epochs = 2
+        train.vae.eval.eval_importance_samples = 100
+        train.vae.eval.eval_importance_samples_during = 100
     config.compare_training = train  # The compare_training experiment's config.
 
     gap = posterior_gap.get_config("quick")

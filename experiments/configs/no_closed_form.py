@@ -3,7 +3,7 @@
 Run (the full experiment: binarized MNIST in the Flax example's setting, 3 seeds per run,
 IWAE-5000 test log-likelihood; hours on a CPU):
   python -m experiments.main --config=experiments/configs/no_closed_form.py \
-      --config.train.data_dir=/work/tfds --workdir=runs/no_closed_form
+      --config.vae.data.data_dir=/work/tfds --workdir=runs/no_closed_form
   python -m experiments.main --config=experiments/configs/no_closed_form.py:quick --workdir=DIR
 
 `pairs` are (posterior, prior): posterior diag | full | iaf, prior standard | learned |
@@ -39,16 +39,16 @@ def get_config(arg=None):
     config.grad_draws = 20 if quick else 500  # Gradient draws per term.
     config.grad_chunk = 20 if quick else 50  # Gradient draws per device call.
     if quick:
-        train = train_config.get_config("quick")
-        train.num_epochs, train.num_seeds = 2, 2
-        train.latents, train.hidden = 4, (64,)
-        train.iaf_hidden, train.iaf_context, train.num_pseudo_inputs = (16,), 4, 10
-        train.eval_importance_samples = 20
+        vae = train_config.get_config("quick")
+        vae.train.num_epochs, vae.train.num_seeds = 2, 2
+        vae.model.latents, vae.model.hidden = 4, (64,)
+        vae.model.iaf_hidden, vae.model.iaf_context, vae.model.num_pseudo_inputs = (16,), 4, 10
+        vae.eval.eval_importance_samples = 20
     else:
-        train = train_config.get_config("flax")
-        train.num_seeds = 3
-        train.eval_importance_samples = 5000
-        train.eval_elbo_samples = 10
-    train.checkpoint_every_secs = 1e9  # Only the final checkpoint.
-    config.train = train  # The runs' training config (train.py's fields).
+        vae = train_config.get_config("flax")
+        vae.train.num_seeds = 3
+        vae.eval.eval_importance_samples = 5000
+        vae.eval.eval_elbo_samples = 10
+    vae.train.checkpoint_every_secs = 1e9  # Only the final checkpoint.
+    config.vae = vae  # The runs' training config (train.py's fields).
     return config

@@ -2,19 +2,21 @@
 
 Run:
   python -m experiments.main --config=experiments/configs/train.py --workdir=DIR \
-      --config.dataset=binarized_mnist --config.kl=k3 --config.num_samples=5
+      --config.data.dataset=binarized_mnist --config.loss.kl=k3 --config.loss.num_samples=5
 
 An argument after the file name (`train.py:flax`) picks one of `PRESETS`. The fields
-and presets live in the package, `vaekl/config.py`, so that an installed vaekl (a
-notebook) has them too. Posterior families and priors without a closed-form KL
-(vaekl.posteriors; the KL terms each pair allows: vaekl.kl.terms):
+(nested: data, model, loss, optim, train, eval) and presets live in the package,
+`vaekl/config.py`, so that an installed vaekl (a notebook) has them too. Posterior families
+and priors without a closed-form KL (vaekl.posteriors; the KL terms each pair allows:
+vaekl.kl.terms):
 
-  --config.posterior=full --config.kl=entropy      full-covariance Gaussian q
-  --config.posterior=iaf --config.iaf_steps=2      inverse autoregressive flow (kl k1, k3, stl)
-  --config.prior=vamp --config.num_pseudo_inputs=500 --config.kl=k1   the VampPrior
+  --config.model.posterior=full --config.loss.kl=entropy   full-covariance Gaussian q
+  --config.model.posterior=iaf --config.model.iaf_steps=2  inverse autoregressive flow (k1, k3, stl)
+  --config.model.prior=vamp --config.model.num_pseudo_inputs=500 --config.loss.kl=k1  VampPrior
 
 Every bound of vaekl.bounds takes every family and prior, e.g. IWAE-DReG with a flow:
-  --config.objective=iwae --config.grad_estimator=dreg --config.num_samples=5 --config.posterior=iaf
+  --config.loss.objective=iwae --config.loss.grad_estimator=dreg --config.loss.num_samples=5 \
+      --config.model.posterior=iaf
 """
 
 from vaekl.config import PRESETS, get_config  # noqa: F401  (this file's config)

@@ -22,11 +22,15 @@ PRESETS = {
     "iwae_k50": "the iwae preset trained with the IWAE k = 50 bound",
     "iwae_quick": "IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)",
     "linear": "a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)",
+    "categorical": "Jang et al.'s categorical VAE: mnist, 30 x 10 latents, 784-512-256 ReLU,"
+                   " batch 100, Adam 1e-3 x 0.9 every 1000 steps, 84 epochs (50,400 steps)",
+    "categorical_quick": "the categorical preset for seconds on `digits` (tests)",
 }
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae", "jang")
+CATEGORICAL_GRADIENTS = ("gumbel", "st_gumbel", "score")
 ON_NAN = ("stop", "skip")
 
 
@@ -93,6 +97,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # The seed of initialisation, epochs and draws.
     c.num_seeds = 1  # Seeds seed, seed + 1, ... trained in one program.
     c.on_nan = "stop"  # A non-finite loss: "stop", or "skip" the step.
+    # Categorical latents (issue 24), with posterior="categorical" and prior="uniform":
+    # `latents` is N variables of `categories` classes (logits [N, K]; the decoder reads the
+    # one-hot or relaxed draw flattened, [N * K]). The gradient: "gumbel" (relaxed draws;
+    # kl analytic or relaxed), "st_gumbel" (straight-through: one-hot forward, relaxed
+    # gradient) or "score" (REINFORCE, hard draws; kl analytic, k1, k3 or entropy).
+    c.categories = 10  # K, the classes of each categorical latent.
+    c.categorical_gradient = "gumbel"  # One of CATEGORICAL_GRADIENTS.
+    c.temperature = 1.0  # Gumbel: tau = max(temperature * exp(-rate * s), min), s = step ...
+    c.temperature_rate = 3e-5  # ... rounded down to a multiple of 1000 (Jang et al.'s r) ...
+    c.temperature_min = 0.5  # ... and their floor.
+    c.prior_temperature = 0.0  # kl="relaxed": lambda of the relaxed prior (0: q's tau).
+    c.baseline_decay = 0.99  # Score: the baseline is this EMA of past steps' batch-mean ELBO.
     # Evaluation and bookkeeping.
     c.eval_importance_samples = 5000  # IWAE bound of log p(x) at the end (0: none).
     c.eval_importance_samples_during = 0  # The same, at every evaluation during training.
@@ -127,6 +143,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "iwae_quick":
         c.objective, c.num_samples, c.grad_estimator = "iwae", 5, "dreg"
         c.num_epochs, c.eval_importance_samples, c.log_every_steps = 3, 50, 10
+    elif preset in ("categorical", "categorical_quick"):
+        c.posterior, c.prior, c.latents, c.categories = "categorical", "uniform", 30, 10
+        c.hidden, c.activation, c.batch_size, c.schedule = (512, 256), "relu", 100, "jang"
+        c.dataset, c.num_epochs, c.eval_importance_samples = "mnist", 84, 1000
+        c.checkpoint_every_secs = 60.0
+        if preset == "categorical_quick":
+            c.dataset, c.latents, c.hidden, c.num_epochs = "digits", 4, (32,), 3
+            c.eval_importance_samples, c.log_every_steps = 50, 10
     elif preset == "linear":
         c.dataset = "linear_gaussian"
         c.latents, c.hidden = 5, ()
@@ -217,6 +241,7 @@ def check(config, *, num_devices: int) -> None:
         raise ValueError("config.free_bits: per-dimension free bits need kl='analytic',"
                          " prior='standard' and posterior='diag' (got kl="
                          f"{config.kl!r}, prior={config.prior!r}, posterior={config.posterior!r}).")
+    _check_categorical(config)
     _check_kl_term(config)
     _check_objective(config)
     for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
@@ -237,11 +262,47 @@ def pair_types(posterior: str, prior: str) -> tuple[type, type]:
     return posteriors.FAMILIES[posterior], models.PRIORS[prior]
 
 
+# The KL terms of each categorical gradient: k1/k3 of relaxed draws against the discrete
+# prior (a mass function at a point of the simplex) would be no KL estimate at all.
+CATEGORICAL_KL_TERMS = {"gumbel": ("analytic", "relaxed"), "st_gumbel": ("analytic", "relaxed"),
+                        "score": ("analytic", "k1", "k3", "entropy")}
+
+
+def _check_categorical(config):
+    """The categorical fields (called by `check`): posterior="categorical" goes with
+    prior="uniform" and objective="elbo", and its gradient with its KL terms."""
+    from vaekl import validate
+
+    validate.config_choice(config, "categorical_gradient", CATEGORICAL_GRADIENTS)
+    validate.config_int(config, "categories", minimum=2)
+    for field in ("temperature", "temperature_min"):
+        if not config[field] > 0:
+            raise ValueError(f"config.{field}: expected > 0, got {config[field]!r}.")
+    if not (config.temperature_rate >= 0 and config.prior_temperature >= 0):
+        raise ValueError("config.temperature_rate and config.prior_temperature: expected >= 0.")
+    if not 0.0 <= config.baseline_decay < 1.0:
+        raise ValueError(f"config.baseline_decay: expected a number in [0, 1), got"
+                         f" {config.baseline_decay!r}.")
+    if (config.posterior == "categorical") != (config.prior == "uniform"):
+        raise ValueError(f"config.prior: posterior='categorical' and prior='uniform' go together"
+                         f" (got posterior={config.posterior!r}, prior={config.prior!r}).")
+    if config.posterior != "categorical":
+        return
+    if config.objective != "elbo":
+        raise ValueError(f"config.objective: {config.objective!r} has no gradient for"
+                         " categorical latents (vaekl.bounds needs a reparameterised q); use"
+                         " 'elbo' (score-function or Gumbel gradients).")
+    terms = CATEGORICAL_KL_TERMS[config.categorical_gradient]
+    if config.kl not in terms:
+        raise ValueError(f"config.kl: {config.kl!r} does not apply to categorical_gradient="
+                         f"{config.categorical_gradient!r}; expected one of {terms}.")
+
+
 def _check_kl_term(config):
     """config.kl applies to the (config.posterior, config.prior) pair (by `check`)."""
     from vaekl import kl
 
-    if config.objective == "elbo":
+    if config.objective == "elbo" and config.posterior != "categorical":  # Checked above.
         q_type, p_type = pair_types(config.posterior, config.prior)
         kl.check_term(f"config.kl: {config.kl!r}", config.kl, q_type, p_type,
                       pair=(f"posterior={config.posterior!r} with prior={config.prior!r}"

@@ -51,7 +51,7 @@ def create_model(config, train_data) -> models.VAE:
         image_shape=tuple(train_data.shape), init_scheme=config.init,
         posterior=config.posterior, iaf_steps=config.iaf_steps,
         iaf_hidden=tuple(config.iaf_hidden), iaf_context=config.iaf_context,
-        num_pseudo_inputs=config.num_pseudo_inputs)
+        num_pseudo_inputs=config.num_pseudo_inputs, categories=config.categories)
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -65,6 +65,9 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
     elif config.schedule == "warmup_cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, lr, config.warmup_steps, max(total, config.warmup_steps + 1))
+    elif config.schedule == "jang":  # Jang et al. (2017): x 0.9 every 1000 steps.
+        schedule = optax.exponential_decay(lr, transition_steps=1000, decay_rate=0.9,
+                                           staircase=True)
     else:  # "iwae": Burda et al., 3^i epochs at lr * round(10^(-i/7), 1), i = 0..7.
         boundaries, values, epoch = [], [lr], 0
         for i in range(8):

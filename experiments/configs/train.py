@@ -13,6 +13,10 @@ notebook) has them too. Posterior families and priors without a closed-form KL
   --config.posterior=iaf --config.iaf_steps=2      inverse autoregressive flow (kl k1, k3, stl)
   --config.prior=vamp --config.num_pseudo_inputs=500 --config.kl=k1   the VampPrior
 
+Categorical latents (`train.py:categorical` is Jang et al.'s setting; kl analytic or relaxed
+for the Gumbel gradients, analytic, k1, k3 or entropy for the score function):
+  --config.posterior=categorical --config.prior=uniform --config.categorical_gradient=score
+
 Every bound of vaekl.bounds takes every family and prior, e.g. IWAE-DReG with a flow:
   --config.objective=iwae --config.grad_estimator=dreg --config.num_samples=5 --config.posterior=iaf
 """

@@ -239,6 +239,16 @@ def _burda_k50_rows() -> list[Overrides]:
                             "loss.grad_estimator": ["reparam", "dreg"], "train.num_seeds": [2]}))
 
 
+def _categorical_rows() -> list[Overrides]:
+    """Issue 24's categorical VAE rows, 3 seeds each in one program: Gumbel-softmax and
+    straight-through Gumbel, each with the categorical KL ("analytic") and the relaxed
+    densities' ("relaxed"), and the score-function gradient with "analytic" and "k1"."""
+    return chain(product(**{"loss.categorical_gradient": ["gumbel", "st_gumbel"],
+                            "loss.kl": ["analytic", "relaxed"], "train.num_seeds": [3]}),
+                 product(**{"loss.categorical_gradient": ["score"], "loss.kl": ["analytic", "k1"],
+                            "train.num_seeds": [3]}))
+
+
 # The KL terms of each (posterior, prior) pair of `no_closed_form`: what `vaekl.kl.terms` answers
 # for the pair's classes (`vaekl.config.pair_types`), written out because launch imports neither
 # vaekl nor JAX; tests/no_closed_form_test.py fails if the two ever differ.
@@ -294,6 +304,12 @@ SWEEPS: dict[str, Sweep] = {
                "model.iaf_context": 8},
         description="every posterior family x prior (standard, VampPrior) x the KL terms the"
                     " pair allows, seconds each on digits"),
+    "categorical_vae": Sweep(
+        config="experiments/configs/train.py:categorical",
+        runs=_categorical_rows(),
+        description="Jang et al.'s categorical VAE on mnist (30 x 10 latents, 50,400 steps):"
+                    " Gumbel, ST-Gumbel x KL analytic/relaxed, score function x analytic/k1,"
+                    " 3 seeds each"),
     "burda_quick": Sweep(
         config="experiments/configs/burda.py:quick",
         runs=_burda_rows(),

@@ -80,6 +80,35 @@ def test_quick_run_writes_the_workdir(tmp_path):
         results["steps"] % 10)
 
 
+@pytest.mark.parametrize("gradient,kl", [
+    ("gumbel", "relaxed"), ("score", "k1"),
+    pytest.param("st_gumbel", "analytic", marks=pytest.mark.slow)])  # The suite's time.
+def test_a_categorical_vae_trains_and_is_evaluated_as_the_discrete_model(tmp_path, gradient, kl):
+    """The categorical_quick preset (digits, 4 x 10 latents) with each gradient: finite
+    losses, and the test ELBO and IWAE of the discrete model (hard draws, exact KL)."""
+    results = train.train_and_evaluate(
+        make_config("categorical_quick", categorical_gradient=gradient, kl=kl, num_epochs=1,
+                    eval_examples=50), str(tmp_path))
+    train_rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert train_rows and all(np.isfinite(r["loss"]) for r in train_rows)
+    assert results["test_elbo"] == pytest.approx(
+        -(results["test_rate"] + results["test_distortion"]), rel=1e-5)
+    assert 0 < results["test_rate"] <= 4 * np.log(10) + 1e-4  # The exact KL to uniform.
+    assert results["test_elbo"] - 1.0 < results["test_log_likelihood"] < 0
+
+
+def test_the_baseline_is_a_bias_corrected_mean_of_past_elbos_and_tau_follows_jang():
+    ema, values = jnp.zeros(()), []
+    for step, elbo in enumerate([-100.0, -100.0, -100.0]):
+        values.append(float(steps_lib.baseline_value(ema, jnp.asarray(step), 0.99)))
+        ema = steps_lib.update_baseline(ema, jnp.asarray(elbo), 0.99)
+    assert values[0] == 0.0 and values[1:] == pytest.approx([-100.0, -100.0], rel=1e-5)
+    config = make_config("categorical_quick")
+    taus = [float(steps_lib.temperature(config.loss, jnp.asarray(s)))
+            for s in (0, 999, 1000, 10**5)]
+    assert taus == pytest.approx([1.0, 1.0, np.exp(-0.03), 0.5], rel=1e-6)
+
+
 def test_eval_examples_evaluates_the_first_test_examples_with_their_standard_error(tmp_path):
     config = make_config(num_epochs=1, eval_examples=40)
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -227,6 +256,9 @@ def test_exact_marginal_of_a_linear_decoder_matches_scipy(prior, fixed_log_scale
     ("free_bits", 0.5, r"^config\.loss\.free_bits: "),  # with kl="k1", below
     ("prior", "mixture", r"^config\.loss\.kl: "),  # with kl="analytic"
     ("dataset", "cifar99", "name"),
+    ("prior", "uniform",
+     "config.model.prior: posterior='categorical' and prior='uniform' go together"),
+    ("categorical_gradient", "reinforce", r"^config\.loss\.categorical_gradient: "),
 ])
 def test_bad_config_is_refused_with_the_field_named(tmp_path, field, value, message):
     config = make_config(**{field: value})

@@ -36,6 +36,10 @@ evaluation of the log-likelihood at stop_gradient(z) (in the same call as the fi
 the prior there, so that a prior computed by the encoder (the VampPrior) keeps its
 decoder-side gradient. It costs one more decoder pass, but needs nothing of `log_likelihood`
 beyond z -> log p(x|z): the decoder parameters stay inside the closure.
+
+A q whose draws have no path gradient (`q.reparameterized` False: a categorical) is
+refused by `objective` under every estimator, each of which differentiates the draws'
+path; `iwae` (evaluation, no gradient) takes it.
 """
 
 import math
@@ -100,8 +104,9 @@ def log_weights(key: jax.Array, q, log_likelihood: LogLikelihood, prior=STANDARD
     z, log_q = q.sample_and_log_prob(seed=key, sample_shape=(num_samples,))
     if path_only:
         log_q = path_log_prob(q, z, log_q)
-    log_lik = validate.log_likelihood(name, log_likelihood,
-                                      jnp.concatenate([z, sg(z)]) if decoder_pass else z)
+    log_lik = validate.log_likelihood(
+        name, log_likelihood, jnp.concatenate([z, sg(z)]) if decoder_pass else z,
+        (2 * num_samples if decoder_pass else num_samples,) + log_q.shape[1:])
     log_ratio = prior.log_prob(z) - log_q
     joint = log_lik[num_samples:] + prior.log_prob(sg(z)) if decoder_pass else None
     log_lik = log_lik[:num_samples]
@@ -185,6 +190,13 @@ def objective(key: jax.Array, q, log_likelihood: LogLikelihood, prior=STANDARD_N
     if objective == "ciwae" and not 0.0 <= beta <= 1.0:
         raise ValueError(f"{name}: `beta` must lie in [0, 1], got {beta!r}.")
     prior, k = validate.bound_inputs(name, key, q, log_likelihood, prior, num_samples)
+    # Every estimator here differentiates the draws' path (reparam's has no score term), so
+    # for a q without one each would be biased: refused, "reparam" too.
+    validate.reparameterized(name, f"grad_estimator={grad_estimator!r}", q,
+                             "use vaekl.elbo.elbo (its score-function gradient) or a"
+                             " reparameterised family (for a categorical,"
+                             " vaekl.categorical.RelaxedCategorical); vaekl.bounds.iwae"
+                             " evaluates the bound for any q")
     two_passes = grad_estimator == "dreg" or objective == "piwae"
     w = log_weights(key, q, log_likelihood, prior, num_samples=outer * k,
                     path_only=grad_estimator != "reparam", decoder_pass=two_passes, name=name)
@@ -237,7 +249,7 @@ def iwae(key: jax.Array, q, log_likelihood: LogLikelihood, prior=STANDARD_NORMAL
     """
     name = "vaekl.bounds.iwae"
     prior, num_samples = validate.bound_inputs(name, key, q, log_likelihood, prior, num_samples)
-    draw = jax.eval_shape(lambda k: q.sample_and_log_prob(seed=k, sample_shape=(1,))[0], key)
+    draw, log_q = jax.eval_shape(lambda k: q.sample_and_log_prob(seed=k, sample_shape=(1,)), key)
     chunk = default_chunk_size(num_samples, draw.shape[1:]) if chunk_size is None else min(
         validate.positive_int(name, "chunk_size", chunk_size), num_samples)
     num_full, remainder = divmod(num_samples, chunk)
@@ -247,9 +259,9 @@ def iwae(key: jax.Array, q, log_likelihood: LogLikelihood, prior=STANDARD_NORMAL
         u = log_weights(key, q, log_likelihood, prior, num_samples=size, name=name).u
         return jax.nn.logsumexp(u, axis=0)
 
-    total = jnp.full(draw.shape[1:-1], -jnp.inf, draw.dtype)
+    total = jnp.full(log_q.shape[1:], -jnp.inf, log_q.dtype)  # q's batch shape, any event.
     total, _ = jax.lax.scan(lambda t, k: (jnp.logaddexp(t, lse(k, chunk)), None), total,
                             keys[:num_full])
     if remainder:
         total = jnp.logaddexp(total, lse(keys[-1], remainder))
-    return total - jnp.log(jnp.asarray(num_samples, draw.dtype))
+    return total - jnp.log(jnp.asarray(num_samples, log_q.dtype))

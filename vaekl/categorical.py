@@ -16,7 +16,10 @@ two axes ([N, K]); `log_prob` and `entropy` sum over the N variables.
                    - K logsumexp_k (l_k - t log y_k),
       computed, for its own draws, from x = log y drawn in log space (their ExpConcrete
       form), so that a y_k below float range still has a finite density. No closed-form
-      KL. `hard=True` is straight-through Gumbel: the draw is the one-hot argmax of y
+      KL; two KL terms in the ELBO: "analytic" against a `Categorical` prior is the
+      underlying categoricals' KL (registered by convention, see `_relaxed_categorical_kl`),
+      "relaxed" the sampled log-ratio of the relaxed densities of q and of the prior
+      (`relaxed_log_ratio`). `hard=True` is straight-through Gumbel: the draw is the one-hot argmax of y
       (forward) with y's gradient (backward), and its log_prob is the relaxed y's.
 """
 
@@ -108,3 +111,32 @@ class RelaxedCategorical(NamedTuple):
     def log_prob(self, y: jax.Array) -> jax.Array:
         """log p(y) for y [..., N, K] in the simplex's interior, summed over the variables."""
         return self._log_prob_log_space(jnp.log(y))
+
+    def relaxed_log_ratio(self, prior, *, seed: jax.Array,
+                          sample_shape: Sequence[int] = ()) -> jax.Array:
+        """log q(y) - log p_lambda(y), [*sample_shape, ...]: the ELBO's `kl="relaxed"` draws.
+
+        y are the relaxed draws of `sample_and_log_prob` with the same `seed` (with `hard`,
+        the relaxed y behind the one-hot), both densities evaluated from x = log y. The
+        prior is relaxed: a `RelaxedCategorical` is used as it is (its own temperature
+        lambda), a `Categorical` at q's temperature (lambda = tau, vaekl's default; Maddison
+        et al. let the two differ). Only with relaxed densities on both sides is the
+        objective a bound (Maddison et al. 2017; Jang et al. 2017 note that a categorical
+        prior with relaxed draws gives none).
+        """
+        x = self._log_sample(seed, sample_shape)
+        if not isinstance(prior, RelaxedCategorical):
+            prior = RelaxedCategorical(prior.logits, self.temperature)
+        return self._log_prob_log_space(x) - prior._log_prob_log_space(x)
+
+
+RelaxedCategorical.relaxed_priors = (Categorical, RelaxedCategorical)  # kl="relaxed" (vaekl.kl).
+
+
+@kl_lib.register(RelaxedCategorical, Categorical)
+def _relaxed_categorical_kl(q: RelaxedCategorical, p: Categorical) -> jax.Array:
+    """KL(Cat(q.logits) || p), [...]: the discrete KL of the model that the relaxation
+    stands in for (what most code with relaxed draws uses, Jang et al.'s notebook
+    included). It is not a KL of the relaxed q, which has no closed form: a convention,
+    named "analytic" in the ELBO so that the same KL term serves both gradients."""
+    return _categorical_kl(Categorical(q.logits), p)

@@ -14,9 +14,11 @@ so the old name `F` of a field is `config.<group>.F` now (`leaves` and `nest` co
   data     dataset, data_dir, data_path, data_seed, data_options
   model    latents, hidden, activation, kind, likelihood, fixed_log_scale, prior,
            num_components, num_pseudo_inputs, posterior, iaf_steps, iaf_hidden,
-           iaf_context, init                       (vaekl.models.VAE's attributes)
+           iaf_context, init, categories           (vaekl.models.VAE's attributes)
   loss     objective, kl, num_samples, grad_estimator, outer_samples, renyi_alpha,
-           ciwae_beta, beta, kl_warmup_steps, free_bits
+           ciwae_beta, beta, kl_warmup_steps, free_bits, categorical_gradient,
+           temperature, temperature_rate, temperature_min, prior_temperature,
+           baseline_decay
   optim    optimizer, learning_rate, schedule, warmup_steps, adam_b1, adam_b2,
            adam_eps, weight_decay, momentum
   train    batch_size, num_epochs, seed, num_seeds, on_nan, log_every_steps,
@@ -46,11 +48,15 @@ PRESETS = {
     "iwae_k50": "the iwae preset trained with the IWAE k = 50 bound",
     "iwae_quick": "IWAE k = 5 with DReG gradients on `digits`, for seconds (tests)",
     "linear": "a linear encoder/decoder on the `linear_gaussian` data (exact log p(x) known)",
+    "categorical": "Jang et al.'s categorical VAE: mnist, 30 x 10 latents, 784-512-256 ReLU,"
+                   " batch 100, Adam 1e-3 x 0.9 every 1000 steps, 84 epochs (50,400 steps)",
+    "categorical_quick": "the categorical preset for seconds on `digits` (tests)",
 }
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae", "jang")
+CATEGORICAL_GRADIENTS = ("gumbel", "st_gumbel", "score")
 ON_NAN = ("stop", "skip")
 
 
@@ -93,6 +99,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     m.iaf_hidden = (320,)  # ... with these hidden widths, ...
     m.iaf_context = 20  # ... conditioned on an encoder context h of this width (0: none).
     m.init = "lecun"  # "torch": PyTorch's nn.Linear initialisation.
+    m.categories = 10  # posterior="categorical": K, the classes of each of the `latents`.
     o = c.loss = ml_collections.ConfigDict()  # The objective: vaekl.steps.make_loss_fn.
     o.objective = "elbo"  # The training objective: elbo or one of vaekl.bounds.OBJECTIVES.
     o.kl = "analytic"  # The ELBO's KL term, one of vaekl.elbo.KL_TERMS (k1, k3, stl, ...).
@@ -104,6 +111,17 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     o.beta = 1.0  # The weight of the KL term.
     o.kl_warmup_steps = 0  # Steps over which the KL weight rises linearly to beta.
     o.free_bits = 0.0  # Per-dimension free bits (kl="analytic", standard prior).
+    # Categorical latents (posterior="categorical", prior="uniform"): N = `latents`
+    # variables of `categories` classes (logits [N, K]; the decoder reads the one-hot or
+    # relaxed draw flattened, [N * K]). The gradient: "gumbel" (relaxed draws; kl analytic
+    # or relaxed), "st_gumbel" (straight-through: one-hot forward, relaxed gradient) or
+    # "score" (REINFORCE, hard draws; kl analytic, k1, k3 or entropy).
+    o.categorical_gradient = "gumbel"  # One of CATEGORICAL_GRADIENTS.
+    o.temperature = 1.0  # Gumbel: tau = max(temperature * exp(-rate * s), min), s = step ...
+    o.temperature_rate = 3e-5  # ... rounded down to a multiple of 1000 (Jang et al.'s r) ...
+    o.temperature_min = 0.5  # ... and their floor.
+    o.prior_temperature = 0.0  # kl="relaxed": lambda of the relaxed prior (0: q's tau).
+    o.baseline_decay = 0.99  # Score: the baseline is this EMA of past steps' batch-mean ELBO.
     p = c.optim = ml_collections.ConfigDict()  # The optimiser: vaekl.train.create_optimizer.
     p.optimizer = "adam"  # One of OPTIMIZERS.
     p.learning_rate = 1e-3  # The (peak) learning rate.
@@ -154,6 +172,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     elif preset == "iwae_quick":
         o.objective, o.num_samples, o.grad_estimator = "iwae", 5, "dreg"
         t.num_epochs, e.eval_importance_samples, t.log_every_steps = 3, 50, 10
+    elif preset in ("categorical", "categorical_quick"):
+        m.posterior, m.prior, m.latents, m.categories = "categorical", "uniform", 30, 10
+        m.hidden, m.activation, t.batch_size, p.schedule = (512, 256), "relu", 100, "jang"
+        d.dataset, t.num_epochs, e.eval_importance_samples = "mnist", 84, 1000
+        t.checkpoint_every_secs = 60.0
+        if preset == "categorical_quick":
+            d.dataset, m.latents, m.hidden, t.num_epochs = "digits", 4, (32,), 3
+            e.eval_importance_samples, t.log_every_steps = 50, 10
     elif preset == "linear":
         d.dataset = "linear_gaussian"
         m.latents, m.hidden = 5, ()
@@ -287,6 +313,7 @@ def check(config, *, num_devices: int) -> None:
         raise ValueError("config.loss.free_bits: per-dimension free bits need kl='analytic',"
                          " prior='standard' and posterior='diag' (got kl="
                          f"{loss.kl!r}, prior={model.prior!r}, posterior={model.posterior!r}).")
+    _check_categorical(config)
     _check_kl_term(config)
     _check_objective(config.loss)
     for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
@@ -307,12 +334,50 @@ def pair_types(posterior: str, prior: str) -> tuple[type, type]:
     return posteriors.FAMILIES[posterior], models.PRIORS[prior]
 
 
+# The KL terms of each categorical gradient: k1/k3 of relaxed draws against the discrete
+# prior (a mass function at a point of the simplex) would be no KL estimate at all.
+CATEGORICAL_KL_TERMS = {"gumbel": ("analytic", "relaxed"), "st_gumbel": ("analytic", "relaxed"),
+                        "score": ("analytic", "k1", "k3", "entropy")}
+
+
+def _check_categorical(config):
+    """The categorical fields (called by `check`): posterior="categorical" goes with
+    prior="uniform" and objective="elbo", and its gradient with its KL terms."""
+    from vaekl import validate
+
+    loss, model = config.loss, config.model
+    validate.config_choice(config, "loss.categorical_gradient", CATEGORICAL_GRADIENTS)
+    validate.config_int(config, "model.categories", minimum=2)
+    for field in ("temperature", "temperature_min"):
+        if not loss[field] > 0:
+            raise ValueError(f"config.loss.{field}: expected > 0, got {loss[field]!r}.")
+    if not (loss.temperature_rate >= 0 and loss.prior_temperature >= 0):
+        raise ValueError("config.loss.temperature_rate and config.loss.prior_temperature:"
+                         " expected >= 0.")
+    if not 0.0 <= loss.baseline_decay < 1.0:
+        raise ValueError(f"config.loss.baseline_decay: expected a number in [0, 1), got"
+                         f" {loss.baseline_decay!r}.")
+    if (model.posterior == "categorical") != (model.prior == "uniform"):
+        raise ValueError("config.model.prior: posterior='categorical' and prior='uniform' go"
+                         f" together (got posterior={model.posterior!r}, prior={model.prior!r}).")
+    if model.posterior != "categorical":
+        return
+    if loss.objective != "elbo":
+        raise ValueError(f"config.loss.objective: {loss.objective!r} has no gradient for"
+                         " categorical latents (vaekl.bounds needs a reparameterised q); use"
+                         " 'elbo' (score-function or Gumbel gradients).")
+    terms = CATEGORICAL_KL_TERMS[loss.categorical_gradient]
+    if loss.kl not in terms:
+        raise ValueError(f"config.loss.kl: {loss.kl!r} does not apply to categorical_gradient="
+                         f"{loss.categorical_gradient!r}; expected one of {terms}.")
+
+
 def _check_kl_term(config):
     """config.loss.kl applies to the (posterior, prior) pair of config.model (by `check`)."""
     from vaekl import kl
 
-    if config.loss.objective == "elbo":
-        posterior, prior = config.model.posterior, config.model.prior
+    posterior, prior = config.model.posterior, config.model.prior
+    if config.loss.objective == "elbo" and posterior != "categorical":  # (_check_categorical)
         q_type, p_type = pair_types(posterior, prior)
         kl.check_term(f"config.loss.kl: {config.loss.kl!r}", config.loss.kl, q_type, p_type,
                       pair=(f"posterior={posterior!r} with prior={prior!r}"

@@ -20,6 +20,7 @@ import numpy as np
 
 from vaekl import bounds, distributed, elbo, kl, linear_gaussian, models, posteriors
 from vaekl import progress as progress_lib
+from vaekl.categorical import Categorical
 from vaekl.distributions import DiagNormal
 
 ACTIVE_UNIT_THRESHOLD = 1e-2  # Burda et al. (2015): Cov_x(E_q[u]) > 1e-2.
@@ -29,15 +30,18 @@ def _per_dim_kl(q, prior):
     """Analytic KL per latent dimension, [..., latents] (zeros unless q and p are diagonal
     Gaussians: otherwise the KL does not split over dimensions)."""
     if not (isinstance(prior, DiagNormal) and isinstance(q, DiagNormal)):
-        return jnp.zeros_like(q.mean)
+        return jnp.zeros_like(_location(q))
     return kl.analytic_per_dim(q.mean, q.log_var, prior=prior)
 
 
 def _location(q):
     """E_q[z] for the Gaussians; for a flow the image of its base's mean (its mean has no
-    closed form), what the active-unit count reads."""
+    closed form); for a categorical its probabilities flattened, [..., N * K]: what the
+    active-unit count reads and the reconstructions decode."""
     if isinstance(q, posteriors.IAF):
         return q.forward(jnp.zeros_like(q.mean))[0]
+    if isinstance(q, Categorical):
+        return q.probs().reshape(q.logits.shape[:-2] + (-1,))
     return q.mean
 
 
@@ -183,7 +187,10 @@ class Evaluator:
             test_elbo = test_elbo[0]
         model = self._model
         x = self._x.reshape(-1, self._x.shape[-1])[:16]
-        mean, _ = model.apply(params, x, method=models.VAE.encode)
+        if model.posterior == "categorical":  # Decoded at q's probabilities, [16, N, K].
+            mean = model.apply(params, x, method=models.VAE.encode_posterior).probs()
+        else:
+            mean, _ = model.apply(params, x, method=models.VAE.encode)
         recon = self._mean_image(model.apply(params, mean, method=models.VAE.decode))
         prior = model.apply(params, method=models.VAE.get_prior)
         z_key = jax.random.fold_in(keys["eval"], 1)

@@ -75,11 +75,15 @@ def terms(q_type: type, p_type: type) -> tuple[str, ...]:
 
     "analytic" where the pair has a registered closed form; "k1" and "k3" always; "stl"
     where q is reparameterised (its `reparameterized`, default True); "entropy" where q
-    has a closed-form `entropy`. In `vaekl.elbo.KL_TERMS`' order.
+    has a closed-form `entropy`; "relaxed" where q is a relaxation with `relaxed_log_ratio`
+    against a p of its `relaxed_priors` (`vaekl.categorical.RelaxedCategorical`). In
+    `vaekl.elbo.KL_TERMS`' order.
     """
     return ((("analytic",) if _lookup(q_type, p_type) else ()) + ("k1", "k3")
             + (("stl",) if getattr(q_type, "reparameterized", True) else ())
-            + (("entropy",) if hasattr(q_type, "entropy") else ()))
+            + (("entropy",) if hasattr(q_type, "entropy") else ())
+            + (("relaxed",) if issubclass(p_type, getattr(q_type, "relaxed_priors", ()))
+               else ()))
 
 
 def pair_name(q_type: type, p_type: type) -> str:
@@ -97,7 +101,9 @@ def check_term(what: str, kl: str, q_type: type, p_type: type, pair: str = "") -
     if kl not in allowed:
         reason = {"analytic": "has no closed form",
                   "entropy": "needs q's entropy in closed form, which is not known",
-                  "stl": "needs a reparameterised q"}.get(kl, "does not apply")
+                  "stl": "needs a reparameterised q",
+                  "relaxed": "needs a relaxed q (RelaxedCategorical) and a categorical p",
+                  }.get(kl, "does not apply")
         raise ValueError(f"{what} {reason} for {pair or pair_name(q_type, p_type)}; the KL"
                          f" terms that work for this pair: {allowed}.")
 

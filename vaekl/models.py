@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from vaekl import posteriors
+from vaekl.categorical import Categorical
 from vaekl.distributions import (STANDARD_NORMAL, DiagNormal, MixtureOfGaussians,
                                  gaussian_log_prob)
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "elu": nn.elu, "gelu": nn.gelu,
                "softplus": nn.softplus, "silu": nn.silu}
 PRIORS = {"standard": DiagNormal, "learned": DiagNormal, "mixture": MixtureOfGaussians,
-          "vamp": MixtureOfGaussians}
+          "vamp": MixtureOfGaussians, "uniform": Categorical}
 LIKELIHOODS = ("bernoulli", "gaussian")
 KINDS = ("mlp", "conv")
 INITS = ("lecun", "torch")
@@ -126,13 +127,17 @@ class VAE(nn.Module):
         a learned per-pixel log-scale unless `fixed_log_scale` is set).
       prior: "standard", "learned" (diagonal Gaussian), "mixture" (`num_components`
         learned diagonal Gaussians) or "vamp" (the VampPrior over
-        `num_pseudo_inputs` learned pseudo-inputs, initialised uniform in [0, 1)).
+        `num_pseudo_inputs` learned pseudo-inputs, initialised uniform in [0, 1)), or
+        "uniform" (the uniform categorical, for posterior="categorical").
       kind: "mlp" or "conv" (then `image_shape` is needed).
       init_scheme: dense initialisation, "lecun" (Flax) or "torch" (nn.Linear).
       posterior: the family of q(z|x), one of `vaekl.posteriors.FAMILIES`.
       iaf_steps, iaf_hidden, iaf_context: for posterior="iaf", the flow's steps, the
         widths of each step's MADE hidden layers and the width of the encoder's
         context h (0: an unconditioned flow).
+      categories: for posterior="categorical", K: z is [..., latents, K] (one-hot or
+        relaxed), flattened to [..., latents * K] for the decoder; prior="uniform" is the
+        uniform categorical.
     """
 
     latents: int
@@ -151,9 +156,11 @@ class VAE(nn.Module):
     iaf_hidden: Sequence[int] = (320,)
     iaf_context: int = 20
     num_pseudo_inputs: int = 500
+    categories: int = 0
 
     def setup(self):
-        enc_out = posteriors.encoder_outputs(self.posterior, self.latents, self.iaf_context)
+        enc_out = posteriors.encoder_outputs(self.posterior, self.latents, self.iaf_context,
+                                             self.categories)
         if self.kind == "conv":
             self.enc_torso = ConvTorso(self.image_shape, activation=self.activation)
             self.enc_head = nn.Dense(enc_out)
@@ -203,11 +210,13 @@ class VAE(nn.Module):
         return posteriors.from_encoder(self.posterior, self._encoder_out(x), self.latents, steps)
 
     def decode(self, z):
-        """z [..., latents] -> decoder output [..., D] (logits or Gaussian means)."""
+        """z [..., *latent_shape(self)] -> decoder output [..., D] (logits or Gaussian means)."""
+        if self.posterior == "categorical":
+            z = z.reshape(z.shape[:-2] + (-1,))
         return self.dec_net(z)
 
     def log_likelihood(self, x, z):
-        """log p(x|z), z [S, ..., latents] and x [..., D] -> [S, ...]."""
+        """log p(x|z), z [S, ..., *latent_shape()] and x [..., D] -> [S, ...]."""
         out = self.decode(z)
         if self.likelihood == "bernoulli":
             return bernoulli_log_prob(out, x)
@@ -225,11 +234,18 @@ class VAE(nn.Module):
             return MixtureOfGaussians(self.prior_logits, self.prior_means, self.prior_log_vars)
         if self.prior == "vamp":
             return posteriors.vamp_prior(self.encode_posterior(self.pseudo_inputs))
+        if self.prior == "uniform":
+            return Categorical(jnp.zeros(latent_shape(self), jnp.float32))
         return STANDARD_NORMAL
 
     def __call__(self, x, z):
-        """Touches every parameter (for `init`): x [B, D], z [B, latents]."""
+        """Touches every parameter (for `init`): x [B, D], z [B, *latent_shape()]."""
         return self.encode_posterior(x), self.log_likelihood(x, z[None]), self.get_prior()
+
+
+def latent_shape(model: VAE) -> tuple[int, ...]:
+    """One draw's event shape: (latents,), or (latents, categories) for "categorical"."""
+    return (model.latents,) + ((model.categories,) if model.posterior == "categorical" else ())
 
 
 def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:

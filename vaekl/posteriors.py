@@ -18,6 +18,10 @@ any of them. Families (`FAMILIES`, the names of `config.model.posterior`, and th
           unmasked, as in the paper (a context of width 0 gives an unconditioned
           flow), and the ordering of the latents is reversed from step to step.
           No closed-form entropy.
+  "categorical"  `vaekl.categorical.Categorical`: `latents` = N variables of K classes, the
+          encoder's outputs the logits [N, K]; its draws have no path gradient, so the
+          training step relaxes it (Gumbel) or takes the score-function gradient
+          (`vaekl.steps`); evaluation takes it as it is: hard draws, exact KL.
 """
 
 from typing import NamedTuple, Sequence
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vaekl.categorical import Categorical
 from vaekl.distributions import DiagNormal, FullNormal, MixtureOfGaussians, gaussian_log_prob
 
 # The initial bias of each IAF step's s: sigma = sigmoid(2) = 0.88, so that every
@@ -99,7 +104,8 @@ class IAF(NamedTuple):
         return DiagNormal(self.mean, self.log_var)
 
 
-FAMILIES = {"diag": DiagNormal, "full": FullNormal, "iaf": IAF}  # config.model.posterior's names.
+FAMILIES = {"diag": DiagNormal, "full": FullNormal, "iaf": IAF,  # config.model.posterior's names.
+            "categorical": Categorical}
 
 
 # --- MADE: the autoregressive network of each IAF step. ---
@@ -186,8 +192,10 @@ def vamp_prior(pseudo_posterior) -> MixtureOfGaussians:
                               base.log_var)
 
 
-def encoder_outputs(family: str, latents: int, context: int = 0) -> int:
+def encoder_outputs(family: str, latents: int, context: int = 0, categories: int = 0) -> int:
     """Width of the encoder's last layer for `family` (see `from_encoder`)."""
+    if family == "categorical":
+        return latents * categories
     extra = {"diag": 0, "full": latents * (latents - 1) // 2, "iaf": context}[family]
     return 2 * latents + extra
 
@@ -196,8 +204,11 @@ def from_encoder(family: str, out: jax.Array, latents: int, steps: tuple = ()):
     """The posterior from the encoder's last layer `out` [..., encoder_outputs(...)].
 
     The first 2 * latents features are the mean and log-variances (of the base for
-    "iaf"), the rest the strictly lower entries of L ("full") or the context ("iaf").
+    "iaf"), the rest the strictly lower entries of L ("full") or the context ("iaf");
+    for "categorical" all of it are the logits, [..., latents, K].
     """
+    if family == "categorical":
+        return Categorical(out.reshape(out.shape[:-1] + (latents, -1)))
     mean, log_var, rest = out[..., :latents], out[..., latents:2 * latents], out[..., 2 * latents:]
     if family == "full":
         return FullNormal.from_encoder(mean, log_var, rest)

@@ -17,12 +17,48 @@ import jax.numpy as jnp
 import optax
 
 from vaekl import bounds, distributed, elbo, kl, models
+from vaekl.categorical import RelaxedCategorical
 
 
 class TrainState(NamedTuple):
+    """step (updates done), params, opt_state, and baseline: the score-function gradient's
+    running mean of the ELBO (`update_baseline`; carried, unused, by every other run)."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    baseline: jax.Array
+
+
+def update_baseline(ema: jax.Array, batch_elbo: jax.Array, decay: float) -> jax.Array:
+    """The exponential moving average of the batch-mean ELBO after one more step."""
+    return decay * ema + (1.0 - decay) * batch_elbo.astype(ema.dtype)
+
+
+def baseline_value(ema: jax.Array, step: jax.Array, decay: float) -> jax.Array:
+    """The baseline b at `step` (updates done): the EMA of the past steps' batch-mean ELBO
+    with Adam's bias correction, ema / (1 - decay^step), and 0 at step 0. Past steps only,
+    so b does not depend on this step's draws and the score-function gradient stays
+    unbiased; the correction makes b a mean from the first step on, not a pull towards 0."""
+    done = jnp.asarray(step, ema.dtype)
+    return jnp.where(step > 0, ema / (1.0 - decay ** jnp.maximum(done, 1.0)), 0.0)
+
+
+def temperature(loss_config, step: jax.Array) -> jax.Array:
+    """Jang et al.'s schedule of `config.loss`: tau = max(tau_0 exp(-r s), tau_min), s = step
+    rounded down to a multiple of 1000 (updated every 1000 steps)."""
+    s = (step // 1000) * 1000
+    return jnp.maximum(loss_config.temperature * jnp.exp(-loss_config.temperature_rate * s),
+                       loss_config.temperature_min)
+
+
+def _categorical_q(q, loss_config, step):
+    """The training step's q for categorical latents: `q` itself for the score-function
+    gradient, its Gumbel relaxation at `temperature(step)` otherwise (hard for st_gumbel)."""
+    if loss_config.categorical_gradient == "score":
+        return q
+    return RelaxedCategorical(q.logits, temperature(loss_config, step).astype(q.logits.dtype),
+                              loss_config.categorical_gradient == "st_gumbel")
 
 
 def seed_keys(seed: int) -> dict[str, jax.Array]:
@@ -33,19 +69,22 @@ def seed_keys(seed: int) -> dict[str, jax.Array]:
 
 
 def make_loss_fn(model: models.VAE, config):
-    """loss(params, x [B, D], key, step) -> (scalar loss, metrics of scalars).
+    """loss(params, x [B, D], key, step, baseline=0.) -> (scalar loss, metrics of scalars).
 
     `config.loss.objective` "elbo" is the ELBO of the posterior family
     `config.model.posterior` with the KL term `config.loss.kl` (and beta, KL warm-up, free
     bits); the others are `vaekl.bounds` objectives of the same q, whose loss is minus the
-    bound and whose gradient is `config.loss.grad_estimator`'s.
+    bound and whose gradient is `config.loss.grad_estimator`'s Categorical latents train with q relaxed or
+    not by `config.loss.categorical_gradient` (`_categorical_q`); `baseline` is the
+    score-function gradient's b (`baseline_value`), read only for a q that is not
+    reparameterised.
     """
     loss_config = config.loss
     kl_term, num_samples = loss_config.kl, loss_config.num_samples
     beta, warmup, free_bits = loss_config.beta, loss_config.kl_warmup_steps, loss_config.free_bits
 
-    def bound_loss_fn(params, x, key, step):
-        del step
+    def bound_loss_fn(params, x, key, step, baseline=0.0):
+        del step, baseline
         q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
@@ -60,11 +99,18 @@ def make_loss_fn(model: models.VAE, config):
     if loss_config.objective != "elbo":
         return bound_loss_fn
 
-    def loss_fn(params, x, key, step):
+    categorical = config.model.posterior == "categorical"
+
+    def loss_fn(params, x, key, step, baseline=0.0):
         q = model.apply(params, x, method=models.VAE.encode_posterior)
         prior = model.apply(params, method=models.VAE.get_prior)
+        if categorical:
+            q = _categorical_q(q, loss_config, step)
+            if kl_term == "relaxed" and loss_config.prior_temperature:
+                prior = RelaxedCategorical(prior.logits, loss_config.prior_temperature)
         log_lik = functools.partial(model.apply, params, x, method=models.VAE.log_likelihood)
-        bound = elbo.elbo(key, q, log_lik, prior, kl=kl_term, num_samples=num_samples)
+        bound = elbo.elbo(key, q, log_lik, prior, kl=kl_term, num_samples=num_samples,
+                          baseline=baseline)
         beta_t = beta * jnp.minimum(1.0, (step + 1) / warmup) if warmup else beta
         if free_bits:
             # Kingma et al. (2016): each dimension's batch-mean KL counts at least free_bits.
@@ -95,7 +141,7 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
     """
     loss_fn = make_loss_fn(model, config)
     batch_size, skip_bad = config.train.batch_size, config.train.on_nan == "skip"
-    log_every = config.train.log_every_steps
+    log_every, decay = config.train.log_every_steps, config.loss.baseline_decay
     batch_sharding = distributed.batch_sharded(mesh)
 
     def grad_norm(grads, step):
@@ -114,9 +160,12 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
         if binarize:
             key, bin_key = jax.random.split(key)
             x = jax.random.bernoulli(bin_key, x).astype(x.dtype)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step)
+        baseline = baseline_value(state.baseline, state.step, decay)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, key, state.step,
+                                                          baseline)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state,
+                         update_baseline(state.baseline, metrics["elbo"], decay))
         metrics["grad_norm"] = grad_norm(grads, step)
         if skip_bad:
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -137,8 +186,9 @@ def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, me
 def init_state(model: models.VAE, tx, config, key: jax.Array, data_dim: int) -> TrainState:
     """Step 0: the model's parameters drawn from `key` and the optimiser's initial state."""
     params = model.init(key, jnp.zeros((1, data_dim), jnp.float32),
-                        jnp.zeros((1, config.model.latents)))
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+                        jnp.zeros((1,) + models.latent_shape(model)))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                      jnp.zeros((), jnp.float32))
 
 
 def training_fns(model, config, tx, *, data_dim: int, steps_per_epoch: int, binarize: bool,

@@ -67,6 +67,9 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
     elif optim.schedule == "warmup_cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, lr, optim.warmup_steps, max(total, optim.warmup_steps + 1))
+    elif optim.schedule == "jang":  # Jang et al. (2017): x 0.9 every 1000 steps.
+        schedule = optax.exponential_decay(lr, transition_steps=1000, decay_rate=0.9,
+                                           staircase=True)
     else:  # "iwae": Burda et al., 3^i epochs at lr * round(10^(-i/7), 1), i = 0..7.
         boundaries, values, epoch = [], [lr], 0
         for i in range(8):

@@ -162,14 +162,30 @@ def bound_inputs(fn_name: str, key, q, log_likelihood, prior, num_samples):
     return distribution(fn_name, "prior", prior, methods=("log_prob",)), num_samples
 
 
-def log_likelihood(fn_name: str, fn: Callable, z: jax.Array) -> jax.Array:
-    """fn(z), checked to be one log p(x|z) per draw: z [S, ..., dim] -> [S, ...]."""
+def log_likelihood(fn_name: str, fn: Callable, z: jax.Array,
+                   shape: Sequence[int]) -> jax.Array:
+    """fn(z), checked to be one log p(x|z) per draw: z [S, ..., *event] -> [S, ...].
+
+    `shape` is that of log q at the draws, [S, ...]: q's event may have one axis (a
+    Gaussian's [dim]) or two (a categorical's [N, K]), so it, not z's shape less one
+    axis, says what one value per draw is.
+    """
     out = fn(z)
-    if jnp.shape(out) != z.shape[:-1]:
+    if jnp.shape(out) != tuple(shape):
         raise ValueError(
             f"{fn_name}: `log_likelihood` must map z of shape {list(z.shape)} to shape"
-            f" {list(z.shape[:-1])} (one log p(x|z) per draw), got {list(jnp.shape(out))}.")
+            f" {list(shape)} (one log p(x|z) per draw), got {list(jnp.shape(out))}.")
     return out
+
+
+def reparameterized(fn_name: str, what: str, q, works: str) -> None:
+    """Raises ValueError if q's draws carry no path gradient (`q.reparameterized` False)
+    and `what` (an argument and its value) needs one; the message names q's family and
+    `works`, what to use instead."""
+    if not getattr(q, "reparameterized", True):
+        raise ValueError(f"{fn_name}: {what} needs a reparameterised q, and"
+                         f" {type(q).__name__} is not (its draws have no path gradient);"
+                         f" {works}.")
 
 
 def finite(fn_name: str, **arrays) -> None:

@@ -14,6 +14,11 @@ vaekl.kl.terms):
   --config.model.posterior=iaf --config.model.iaf_steps=2  inverse autoregressive flow (k1, k3, stl)
   --config.model.prior=vamp --config.model.num_pseudo_inputs=500 --config.loss.kl=k1  VampPrior
 
+Categorical latents (`train.py:categorical` is Jang et al.'s setting; kl analytic or relaxed
+for the Gumbel gradients, analytic, k1, k3 or entropy for the score function):
+  --config.model.posterior=categorical --config.model.prior=uniform \
+      --config.loss.categorical_gradient=score
+
 Every bound of vaekl.bounds takes every family and prior, e.g. IWAE-DReG with a flow:
   --config.loss.objective=iwae --config.loss.grad_estimator=dreg --config.loss.num_samples=5 \
       --config.model.posterior=iaf

@@ -216,6 +216,7 @@ def test_every_estimated_figure_has_a_positive_standard_error(main_run):
             seeds = np.asarray(r[f"{field}_seeds"])
             assert r[f"{field}_mean_se"] == pytest.approx(
                 seeds.std(ddof=1) / math.sqrt(seeds.size), rel=1e-9)
+            assert r[f"{field}_std"] == pytest.approx(seeds.std(ddof=1), rel=1e-9)  # Not ddof 0.
     for check in part(workdir, "posterior_gap")["sampled_check"]:
         assert check["mc_elbo_se"] > 0
     summary = (workdir / "results.md").read_text()

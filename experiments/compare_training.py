@@ -148,8 +148,10 @@ def _plot(curves, results, path: Path):
             shown["train"].append((steps / steps_per_epoch, mean))
         if "eval" in c:
             steps, values = c["eval"]
-            mean = values.mean(0)
-            std = values.std(0, ddof=1) if values.shape[0] > 1 else 0 * mean
+            # Per evaluation, over the seeds [seeds, T]: the one seed summary.
+            summaries = [measure.seed_summary(seeds) for seeds in values.T]
+            mean = np.array([s.mean for s in summaries])
+            std = np.array([s.std or 0.0 for s in summaries])
             epochs = steps / steps_per_epoch
             axes[1].plot(epochs, mean, marker="o", ms=3, label=label, **style)
             if values.shape[0] > 1:

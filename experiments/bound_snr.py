@@ -6,7 +6,7 @@ each encoder-gradient estimator (reparam, stl, dreg), with the same keys for
 each, and reported per network (encoder, decoder):
 
   snr_median  the median over the network's parameters of |E g_p| / std g_p
-  snr_vector  |E g| / sqrt(sum_p Var g_p), the whole vector's
+  snr         |E g| / sqrt(sum_p Var g_p), the whole vector's (`vaekl.measure.snr`)
   snr_floor   1/sqrt(num_draws): what |mean| / std shows for a zero-mean gradient;
               a row is `below_floor` when snr_median < 5 snr_floor, and such rows
               are left out of the fitted slopes of log snr_median on log K (K >= 10).
@@ -27,6 +27,7 @@ largest |t| over the group's parameters of the mean paired difference
 for K > 1 (Tucker et al. 2018).
 """
 
+import functools
 import math
 
 import jax
@@ -34,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import gradient_variance, report
-from experiments.moments import Moments
-from vaekl import bounds
+from experiments import report
+from vaekl import bounds, measure
 from vaekl.distributions import DiagNormal
 
 COLUMNS = ("model", "checkpoint", "estimator", "num_importance", "network", "snr_median",
-           "snr_vector", "num_draws", "snr_floor", "below_floor")
+           "snr", "num_draws", "snr_floor", "below_floor")
 FLOOR_FACTOR = 5.0
 ROUNDING = 1e-10  # Paired gradient differences with a std below this are rounding.
 
@@ -55,16 +55,12 @@ def _iwae_loss(q_fn, log_lik_fn, prior_fn, k, estimator):
 
 
 def _moments(loss, split, params, key, *, num_draws, chunk):
-    """Per-parameter moments of the encoder and decoder gradients over `num_draws` keys."""
-    grad_fn = gradient_variance.make_grad_fn(loss, split)
-    enc, dec = Moments(), Moments()
-    for start in range(0, num_draws, chunk):
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
-            jnp.arange(start, min(start + chunk, num_draws)))
-        _, g_enc, g_dec = grad_fn(params, keys)
-        enc.add(g_enc)
-        dec.add(g_dec)
-    return {"encoder": enc, "decoder": dec}
+    """Per-parameter moments of the gradient's parts ("encoder", "decoder") over `num_draws`
+    draws (`measure.draw_moments`: draw i uses fold_in(key, i))."""
+    grad_fn = measure.gradient_draws(loss, split)
+    m = measure.draw_moments(functools.partial(grad_fn, params), key, num_draws=num_draws,
+                             chunk=chunk)
+    return {part: m[part][0] for part in ("encoder", "decoder")}
 
 
 def snr_figures(m, num_draws: int) -> dict:
@@ -74,10 +70,8 @@ def snr_figures(m, num_draws: int) -> dict:
     per_param = np.abs(m.mean[ok]) / std[ok]
     floor = 1.0 / math.sqrt(num_draws)
     median = float(np.median(per_param)) if per_param.size else None
-    total = float(np.sum(std**2))
-    return {"snr_median": median, "snr_vector": float(np.linalg.norm(m.mean) / math.sqrt(total))
-            if total > 0 else None, "num_draws": num_draws, "snr_floor": floor,
-            "below_floor": median is None or median < FLOOR_FACTOR * floor}
+    return {"snr_median": median, "snr": measure.snr(m), "num_draws": num_draws,
+            "snr_floor": floor, "below_floor": median is None or median < FLOOR_FACTOR * floor}
 
 
 def _chunk(config, k, per_draw):
@@ -130,7 +124,8 @@ def _toy_loss_for(x, d):
 
 
 def _toy_split(g):
-    return g["encoder"], g["decoder"]
+    """The toy's parameters are {"encoder": ..., "decoder": ...} already."""
+    return g
 
 
 def toy_rows(config, key) -> list:
@@ -186,8 +181,8 @@ def vae_rows(config, key) -> list:
     from vaekl import models, train
 
     trained = f"epochs={config.vae_epochs}"
-    model, _, checkpoints = gradient_variance.vae_checkpoints(
-        config.vae, {"init": 0, trained: config.vae_epochs})
+    model, _, checkpoints = measure.vae_checkpoints(
+        config.vae, {"init": 0, trained: config.vae_epochs}, "bound_snr: training the VAE")
     _, test = train.load_data(config.vae)
     x = jnp.asarray(test.x[: config.vae_batch_size])
 
@@ -197,12 +192,9 @@ def vae_rows(config, key) -> list:
             lambda p: lambda z: model.apply(p, x, z, method=models.VAE.log_likelihood),
             lambda p: model.apply(p, method=models.VAE.get_prior), k, estimator)
 
-    def split(g):
-        return g["params"]["enc_net"], g["params"]["dec_net"]
-
     rows = []
     for i, (name, params) in enumerate(checkpoints.items()):
-        rows += _snr_rows("vae", name, loss_for, split, params,
+        rows += _snr_rows("vae", name, loss_for, models.split_params, params,
                           jax.random.fold_in(key, i), config, config.vae_draws,
                           config.vae_batch_size * (sum(config.vae.model.hidden) + x.shape[-1]),
                           config.vae_num_importance)

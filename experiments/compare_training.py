@@ -6,11 +6,12 @@ each with `config.vae.train.num_seeds` seeds vmapped in one program, by
 A finished run (results.json written, same config) is read, not retrained, so a rerun
 resumes where it stopped.
 
-Fields of each row (means and standard deviations over seeds, ddof 0):
+Fields of each row (`vaekl.measure.seed_figures`: the mean and the sample std, ddof 1,
+over the `num_seeds` seeds):
   test_elbo_mean/std            test ELBO, analytic KL, `eval_elbo_samples` draws (nats/example)
   test_log_likelihood_mean/std  the IWAE bound with `eval_importance_samples` draws
   train_wall_s                  seconds in the training epochs (all seeds together)
-and `FIELD_mean_se`, the standard error of each seed mean: the sample std (ddof 1)
+and `FIELD_mean_se`, the standard error of each seed mean: the sample std
 over sqrt(num_seeds), empty for one seed. It counts every source of noise that
 differs between seeds (initialisation, data order, the draws of training and of
 evaluation) on the one fixed test set; the evaluation's own Monte Carlo error is
@@ -24,14 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from experiments import report
-from experiments.moments import Moments
-from vaekl import config as config_lib
+from vaekl import measure
 
 COLUMNS = ("kl", "num_samples", "test_elbo_mean", "test_elbo_std", "test_log_likelihood_mean",
            "test_log_likelihood_std", "test_rate_mean", "active_units_mean", "train_wall_s",
            "num_seeds")
 
-SEED_FIELDS = ("test_elbo", "test_log_likelihood", "test_rate", "active_units")
 
 
 def run_name(kl: str, num_samples: int) -> str:
@@ -42,44 +41,6 @@ def train_config(config, kl: str, num_samples: int):
     cfg = config.vae.copy_and_resolve_references()
     cfg.loss.kl, cfg.loss.num_samples = kl, int(num_samples)
     return cfg
-
-
-def _seeds(results: dict, field: str) -> list:
-    """Per-seed values of `field` (results of one seed have no `seeds` list)."""
-    if "seeds" in results:
-        return [s[field] for s in results["seeds"]]
-    return [results[field]]
-
-
-def seed_figures(results: dict, fields) -> dict:
-    """`<field>_mean`, `_std` (ddof 0) and `_seeds` over the seeds of a run's results, for
-    each of `fields` that the results hold."""
-    row = {}
-    for field in fields:
-        if field in results:
-            values = np.asarray(_seeds(results, field), np.float64)
-            row[f"{field}_mean"] = float(values.mean())
-            row[f"{field}_mean_se"] = (float(Moments.of(values).mean_se())
-                                       if values.size > 1 else None)
-            row[f"{field}_std"] = float(values.std())
-            row[f"{field}_seeds"] = values.tolist()
-    return row
-
-
-def finished_results(sub: Path, cfg):
-    """The results.json of a finished run in `sub` with exactly this config, else None.
-
-    A run with another config is left to `train_and_evaluate`, which resumes it (a
-    longer num_epochs, say) or refuses the workdir with a message naming the change.
-    """
-    results, saved = sub / "results.json", sub / "config.json"
-    if not (results.exists() and saved.exists()):
-        return None
-    # Leaf by leaf: a config.json of the flat layout (before the config was nested) counts.
-    if config_lib.leaves(json.loads(saved.read_text())) != config_lib.leaves(
-            json.loads(cfg.to_json_best_effort())):
-        return None
-    return json.loads(results.read_text())
 
 
 def read_curves(path: Path) -> dict:
@@ -105,13 +66,13 @@ def run(config, workdir: str) -> dict:
         for n in config.num_samples:
             sub = workdir / "runs" / run_name(kl, n)
             cfg = train_config(config, kl, n)
-            results = finished_results(sub, cfg)
+            results = measure.finished_results(sub, cfg)
             if results is None:
                 results = train.train_and_evaluate(cfg, str(sub))
             row = {"kl": kl, "num_samples": int(n), "num_seeds": results["num_seeds"],
                    "train_wall_s": results["train_wall_s"], "steps": results["steps"],
                    "run": str(sub.relative_to(workdir))}
-            row.update(seed_figures(results, SEED_FIELDS))
+            row.update(measure.seed_figures(results))
             rows.append(row)
             curves[(kl, int(n))] = read_curves(sub / "metrics.jsonl")
     cfg = config.vae
@@ -136,8 +97,9 @@ def _markdown(results, config) -> str:
         " ...). `kl` is the KL term trained with and"
         " `num_samples` the draws of z per example; evaluation is the same for every run: test"
         f" ELBO with the analytic KL, and the IWAE bound with {cfg.eval.eval_importance_samples}"
-        " samples as `test_log_likelihood` (nats per example; `*_mean` is the mean over seeds"
-        " ± its standard error, std/sqrt(seeds) with ddof 1, and `*_std` the seeds' std)."
+        " samples as `test_log_likelihood` (nats per example, over the n ="
+        f" {cfg.train.num_seeds} seeds: `*_mean` is the mean ± its standard error, std / sqrt(n),"
+        " and `*_std` the sample std, ddof 1)."
         " `train_wall_s` is the time in training epochs, all seeds together.\n\n"
         + report.markdown_table(results["rows"], COLUMNS))
 
@@ -188,14 +150,18 @@ def _plot(curves, results, path: Path):
             shown["train"].append((steps / steps_per_epoch, mean))
         if "eval" in c:
             steps, values = c["eval"]
-            mean, std = values.mean(0), values.std(0)
+            # Per evaluation, over the seeds [seeds, T]: the one seed summary.
+            summaries = [measure.seed_summary(seeds) for seeds in values.T]
+            mean = np.array([s.mean for s in summaries])
+            std = np.array([s.std or 0.0 for s in summaries])
             epochs = steps / steps_per_epoch
             axes[1].plot(epochs, mean, marker="o", ms=3, label=label, **style)
             if values.shape[0] > 1:
                 axes[1].fill_between(epochs, mean - std, mean + std, color=colours[kl], alpha=0.12)
             shown["eval"].append((epochs, mean))
     titles = ((axes[0], "train", "Training ELBO (each run's own estimate, smoothed)"),
-              (axes[1], "eval", "Test ELBO (analytic KL), mean ± std over seeds"))
+              (axes[1], "eval", "Test ELBO (analytic KL), mean ± sample std (ddof 1) over"
+                                " the seeds"))
     for ax, split, title in titles:
         ax.set_xlabel("epoch")
         ax.set_ylabel("ELBO  [nats per example]; higher is better")

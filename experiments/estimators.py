@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import report
-from experiments.moments import Moments
+from vaekl.measure import Moments
 from vaekl import kl
 from vaekl.progress import Progress
 

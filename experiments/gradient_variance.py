@@ -9,13 +9,13 @@ the same keys for every term, and reports per parameter group (encoder, decoder)
   grad_variance  (1/P) sum_p Var_i[g_p^(i)]: the per-parameter variance across
                  draws (ddof 1), averaged over the group's P parameters
                  (the trace of the gradient covariance divided by P).
-  snr            |E_i g^(i)|_2 / sqrt(sum_p Var_i[g_p^(i)]): the norm of the mean
-                 gradient over the root of the total variance (the expected norm of
-                 the noise of one draw).
+  snr            |E_i g^(i)|_2 / sqrt(sum_p Var_i[g_p^(i)]) (`vaekl.measure.snr`): the
+                 norm of the mean gradient over the root of the total variance (the
+                 expected norm of the noise of one draw).
 
 Standard errors (`*_se`): a delete-a-group jackknife. The draws are cut into
 `NUM_GROUPS` consecutive groups; each figure is computed again from the moments
-of all draws but one group's (`moments.leave_one_out`, `moments.jackknife_se`).
+of all draws but one group's (`vaekl.measure.leave_one_out`, `jackknife_se`).
 It needs no formula for the variance of an average of P correlated per-parameter
 variances, covers the SNR (a ratio) and the ratios between KL terms (computed
 from the same keys, so their errors are correlated: each replicate's ratio uses
@@ -41,6 +41,7 @@ decoder gradient does not involve the KL term (the prior is fixed), so it is the
 same under every KL term and is not zero-variance.
 """
 
+import functools
 import math
 from pathlib import Path
 
@@ -49,9 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import linear_encoders, report
-from experiments.moments import Moments, jackknife_se, leave_one_out, merge_all
 from vaekl import elbo as elbo_lib
-from vaekl import linear_gaussian
+from vaekl import linear_gaussian, measure
 from vaekl.progress import Progress
 
 COLUMNS = ("model", "checkpoint", "estimator", "encoder_grad_variance", "decoder_grad_variance",
@@ -62,71 +62,32 @@ RATIO_COLUMNS = ("model", "checkpoint", *(name for name, _, _ in RATIOS))
 NUM_GROUPS = 20  # Groups of draws of the jackknife standard errors.
 
 
-def grad_figures(moments: Moments, prefix: str) -> dict:
-    """Variance, total variance, mean norm and SNR of the gradient draws in `moments`."""
-    var = moments.variance()
-    total = float(np.sum(var))
-    mean_norm = float(np.linalg.norm(moments.mean))
-    return {f"{prefix}_grad_variance": total / var.size,
-            f"{prefix}_grad_total_variance": total,
-            f"{prefix}_grad_mean_norm": mean_norm,
-            f"{prefix}_snr": mean_norm / math.sqrt(total) if total > 0 else None,
-            f"{prefix}_num_params": int(var.size)}
-
-
-def flatten(tree, batch_dims=1):
-    """The leaves of `tree` as one array [*batch, P] (the first `batch_dims` axes kept)."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.concatenate([l.reshape(l.shape[:batch_dims] + (-1,)) for l in leaves], axis=-1)
-
-
-def make_grad_fn(loss, split):
-    """A jitted (params, keys [n]) -> (losses [n], encoder grads [n, P_enc], decoder grads)."""
-
-    @jax.jit
-    def grads(params, keys):
-        values, g = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, keys)
-        enc, dec = split(g)
-        return values, flatten(enc), flatten(dec)
-
-    return grads
-
-
-def measure(grad_fn, params, key, *, num_draws: int, chunk: int, progress=None) -> dict:
-    """Gradient figures of `grad_fn` (from `make_grad_fn`) at `params` over `num_draws` draws,
-    `chunk` per device call; draw i uses fold_in(key, i); `progress` (a
+def measure_gradients(grad_fn, params, key, *, num_draws: int, chunk: int,
+                      progress=None) -> dict:
+    """Gradient figures of `grad_fn` (a `measure.gradient_draws` with parts "encoder" and
+    "decoder") at `params` over `num_draws` draws, `chunk` per device call
+    (`measure.draw_moments`: draw i uses fold_in(key, i)); `progress` (a
     `vaekl.progress.Progress` counting draws, or None) advances after each call.
 
-    Returns the `grad_figures` of the encoder and decoder gradients with their jackknife
-    SEs (`*_se`); `batch_elbo`: minus the loss averaged over the draws (the batch-mean ELBO
-    as that KL term estimates it) and its SE; and `jackknife`: each figure's
+    Returns the `measure.gradient_figures` of the encoder and decoder gradients with their
+    jackknife SEs (`*_se`); `batch_elbo`: minus the loss averaged over the draws (the
+    batch-mean ELBO as that KL term estimates it) and its SE; and `jackknife`: each figure's
     leave-one-group-out replicates [G] (for `ratio_rows`; not written).
     """
     groups = min(NUM_GROUPS, num_draws)
-    enc, dec = [Moments() for _ in range(groups)], [Moments() for _ in range(groups)]
-    losses = []
-    for start in range(0, num_draws, chunk):
-        idx = np.arange(start, min(start + chunk, num_draws))
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(idx))
-        values, g_enc, g_dec = jax.tree.map(np.asarray, grad_fn(params, keys))
-        losses.append(values.astype(np.float64))
-        group_of = idx * groups // num_draws
-        for g in np.unique(group_of):
-            rows = group_of == g
-            enc[g].add(g_enc[rows])
-            dec[g].add(g_dec[rows])
-        if progress is not None:
-            progress.advance(len(idx))
+    m = measure.draw_moments(functools.partial(grad_fn, params), key, num_draws=num_draws,
+                             chunk=chunk, groups=groups, progress=progress)
 
     def figures(e, d):
-        return {**grad_figures(e, "encoder"), **grad_figures(d, "decoder")}
+        return {**measure.gradient_figures(e, "encoder"), **measure.gradient_figures(d, "decoder")}
 
-    full = figures(merge_all(enc), merge_all(dec))
-    replicates = [figures(e, d) for e, d in zip(leave_one_out(enc), leave_one_out(dec))]
+    full = figures(measure.merge_all(m["encoder"]), measure.merge_all(m["decoder"]))
+    replicates = [figures(e, d) for e, d in zip(measure.leave_one_out(m["encoder"]),
+                                                measure.leave_one_out(m["decoder"]))]
     jackknife = {k: np.array([r[k] for r in replicates], np.float64) for k, v in full.items()
                  if isinstance(v, float) and all(r[k] is not None for r in replicates)}
-    losses = Moments.of(np.concatenate(losses))
-    return {**full, **{f"{k}_se": jackknife_se(v) for k, v in jackknife.items()},
+    losses = measure.merge_all(m["loss"])
+    return {**full, **{f"{k}_se": measure.jackknife_se(v) for k, v in jackknife.items()},
             "num_draws": num_draws, "batch_elbo": -float(losses.mean),
             "batch_elbo_se": float(losses.mean_se()), "jackknife": jackknife}
 
@@ -138,36 +99,6 @@ def checkpoint_epochs(config) -> dict:
     return {"init": 0, "early": int(config.early_epochs), "converged": int(config.converged_epochs)}
 
 
-def vae_checkpoints(train_config, epochs: dict):
-    """(model, train config, {name: params after epochs[name] epochs}) from one run of `train_config`:
-    train.py's own initialisation, keys and epoch, so the parameters after e epochs are those
-    `train_and_evaluate` reaches (the epoch is not donated: earlier parameters stay valid)."""
-    from vaekl import steps as steps_lib
-    from vaekl import train
-
-    cfg = train_config.copy_and_resolve_references()
-    cfg.train.num_epochs = max(epochs.values())
-    train_data, _ = train.load_data(cfg)
-    model = train.create_model(cfg, train_data)
-    steps_per_epoch = len(train_data) // cfg.train.batch_size
-    tx = train.create_optimizer(cfg, steps_per_epoch)
-    keys = steps_lib.seed_keys(cfg.train.seed)
-    state = steps_lib.init_state(model, tx, cfg, keys["init"], train_data.dim)
-    train_x = jnp.asarray(train_data.x)
-    epoch_fn = jax.jit(steps_lib.make_epoch_fn(model, cfg, tx, steps_per_epoch=steps_per_epoch,
-                                           binarize=train_data.dynamic_binarization))
-    out = {}
-    progress = Progress("gradient variance: training the VAE", cfg.train.num_epochs, unit="epochs",
-                        quiet_s=5.0)
-    for epoch in range(cfg.train.num_epochs + 1):
-        out.update({name: state.params for name, e in epochs.items() if e == epoch})
-        if epoch < cfg.train.num_epochs:
-            state, _ = epoch_fn(state, keys, epoch, train_x)
-            jax.block_until_ready(state)
-            progress.advance(1)
-    return model, cfg, {name: out[name] for name in epochs}
-
-
 def vae_rows(config, key) -> list:
     """A row per (checkpoint, KL term) of the VAE, on a fixed batch x [batch_size, D]."""
     from vaekl import steps as steps_lib
@@ -175,24 +106,24 @@ def vae_rows(config, key) -> list:
 
     _, test = train.load_data(config.vae)
     x = jnp.asarray(test.x[: config.batch_size])  # The first test images (binarised at load).
-    model, cfg, checkpoints = vae_checkpoints(config.vae, checkpoint_epochs(config))
+    model, cfg, checkpoints = measure.vae_checkpoints(config.vae, checkpoint_epochs(config),
+                                                      "gradient variance: training the VAE")
     grad_fns = {}
     for estimator in config.estimators:
         cfg_e = cfg.copy_and_resolve_references()
         cfg_e.loss.kl, cfg_e.loss.num_samples = estimator, config.num_samples
         loss_fn = steps_lib.make_loss_fn(model, cfg_e)
-        grad_fns[estimator] = make_grad_fn(
-            lambda p, k, loss_fn=loss_fn: loss_fn(p, x, k, 0)[0],
-            lambda g: (g["params"]["enc_net"], g["params"]["dec_net"]))
+        grad_fns[estimator] = measure.gradient_draws(
+            lambda p, k, loss_fn=loss_fn: loss_fn(p, x, k, 0)[0])
     rows = []
     progress = Progress("gradient variance: VAE draws",
                         len(checkpoints) * len(config.estimators) * config.num_draws,
                         unit="draws", quiet_s=5.0)
     for ci, (name, params) in enumerate(checkpoints.items()):
         for estimator in config.estimators:
-            figures = measure(grad_fns[estimator], params, jax.random.fold_in(key, ci),
-                              num_draws=config.num_draws, chunk=config.chunk,
-                              progress=progress)
+            figures = measure_gradients(grad_fns[estimator], params,
+                                        jax.random.fold_in(key, ci), num_draws=config.num_draws,
+                                        chunk=config.chunk, progress=progress)
             rows.append({"model": "vae", "checkpoint": name, "estimator": estimator,
                          "epochs": checkpoint_epochs(config)[name], **figures})
     return rows
@@ -236,16 +167,17 @@ def linear_gaussian_rows(config, key) -> list:
         x = jnp.asarray(x_np, dtype)
         decoder = {"kernel": jnp.asarray(model.w.T, dtype), "bias": jnp.asarray(model.b, dtype),
                    "log_scale": jnp.asarray(math.log(model.noise_std), dtype)}
-        grad_fns = {e: make_grad_fn(_lg_loss(e, config.num_samples, x),
-                                    lambda g: (g["encoder"], g["decoder"]))
+        # The parameters are {"encoder": ..., "decoder": ...} already: the split is the tree.
+        grad_fns = {e: measure.gradient_draws(_lg_loss(e, config.num_samples, x), lambda g: g)
                     for e in config.estimators}
         for ci, (name, enc) in enumerate(posteriors):
             params = {"encoder": jax.tree.map(lambda a: jnp.asarray(a, dtype), enc),
                       "decoder": decoder}
             for estimator in config.estimators:
-                figures = measure(grad_fns[estimator], params, jax.random.fold_in(key, 100 + ci),
-                                  num_draws=config.num_draws, chunk=config.chunk,
-                                  progress=progress)
+                figures = measure_gradients(grad_fns[estimator], params,
+                                            jax.random.fold_in(key, 100 + ci),
+                                            num_draws=config.num_draws, chunk=config.chunk,
+                                            progress=progress)
                 rows.append({"model": "linear_gaussian", "checkpoint": name,
                              "estimator": estimator, **figures})
     return rows
@@ -278,7 +210,7 @@ def ratio_rows(rows) -> list:
                 continue
             field = f"{part}_grad_variance"
             row[name] = by[(model, ckpt, e)][field] / k1[field]
-            row[f"{name}_se"] = jackknife_se(by[(model, ckpt, e)]["jackknife"][field]
+            row[f"{name}_se"] = measure.jackknife_se(by[(model, ckpt, e)]["jackknife"][field]
                                              / k1["jackknife"][field])
         out.append(row)
     return out

@@ -56,8 +56,8 @@ def _gradient_table(results):
 
 def _training_table(results):
     return (f"Training on {results['dataset']}, {results['num_epochs']} epochs,"
-            f" {results['num_seeds']} seeds (nats per example; `*_mean` is the mean over seeds ±"
-            " its standard error, `*_std` the seeds' std)\n\n"
+            f" n = {results['num_seeds']} seeds (nats per example; `*_mean` is the mean over the"
+            " seeds ± its standard error, `*_std` the seeds' sample std, ddof 1)\n\n"
             + report.markdown_table(results["rows"], ("kl", "num_samples", "test_elbo_mean",
                                                       "test_elbo_std", "test_log_likelihood_mean",
                                                       "test_log_likelihood_std", "train_wall_s")))

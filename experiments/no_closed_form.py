@@ -9,7 +9,8 @@ diag, full, iaf; priors standard, vamp, ...):
     (a finished run with the same config is read, not retrained). Rows: test ELBO
     (analytic KL where the pair has one, k1 otherwise), the IWAE test
     log-likelihood with `vae.eval.eval_importance_samples` draws, active units and
-    rate, as mean and std (ddof 0) over seeds.
+    rate, over seeds (`vaekl.measure.seed_figures`): `_mean`, its standard error
+    `_mean_se`, and `_std`, the sample std (ddof 1) over the `num_seeds` seeds.
 (a) estimators: at the model trained with kl = `config.estimate_kl` (seed
     `vae.train.seed`), on the first `num_examples` test examples, every KL term the pair
     allows:
@@ -25,12 +26,16 @@ diag, full, iaf; priors standard, vamp, ...):
       encoder_grad_variance, encoder_grad_variance_over_k1
                        the per-parameter variance of the negative ELBO's gradient in
                        the encoder's weights (the flow's included) over `grad_draws`
-                       draws (`experiments.gradient_variance.measure`), for training
+                       draws (`vaekl.measure.gradient_figures`), for training
                        with that term.
+    Every sampled figure uses `vaekl.measure.draw_moments`' key scheme (draw i:
+    fold_in(key, i)); the estimator table committed before that scheme (issue 23) drew
+    its keys per chunk instead, so its figures differ from a rerun's within their errors.
     Where q is Gaussian and the prior a mixture, Hershey & Olsen's variational
     approximation ("variational", closed form, not a bound) is reported beside them.
 """
 
+import functools
 from pathlib import Path
 
 import jax
@@ -38,9 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import compare_training, gradient_variance, report
-from experiments.moments import Moments
-from vaekl import bounds, checkpoint, elbo, kl, models
+from experiments import report
+from vaekl import bounds, checkpoint, elbo, kl, measure, models
 from vaekl import config as config_lib
 from vaekl.distributions import DiagNormal, MixtureOfGaussians
 from vaekl.progress import Progress
@@ -51,7 +55,6 @@ ESTIMATOR_COLUMNS = ("posterior", "prior", "kl", "kl_reference", "reference_se",
 TRAINING_COLUMNS = ("posterior", "prior", "kl", "test_elbo_mean", "test_elbo_std",
                     "test_log_likelihood_mean", "test_log_likelihood_std",
                     "test_log_likelihood_se", "active_units_mean", "test_rate_mean", "num_seeds")
-ENCODER_PARAMS = ("enc_net", "enc_torso", "enc_head", "iaf")
 
 
 def run_name(posterior: str, prior: str, kl: str) -> str:
@@ -75,7 +78,7 @@ def _train_or_read(config, workdir: Path, posterior, prior, kl) -> tuple[Path, d
 
     sub = workdir / "runs" / run_name(posterior, prior, kl)
     cfg = train_config(config, posterior, prior, kl)
-    results = compare_training.finished_results(sub, cfg)
+    results = measure.finished_results(sub, cfg)
     if results is None:
         results = train.train_and_evaluate(cfg, str(sub))
     return sub, results
@@ -95,7 +98,7 @@ def training_rows(config, workdir: Path) -> list:
                      "test_examples": results.get("test_examples"),
                      "test_log_likelihood_se": results.get("test_log_likelihood_se"),
                      "run": str(sub.relative_to(workdir)),
-                     **compare_training.seed_figures(results, compare_training.SEED_FIELDS)})
+                     **measure.seed_figures(results)})
     return rows
 
 
@@ -132,12 +135,6 @@ def _zero_log_likelihood(z):
     return jnp.zeros(z.shape[:-1], z.dtype)
 
 
-def _split_params(grads):
-    """(encoder and flow, decoder) parts of a gradient tree."""
-    p = grads["params"]
-    return {k: p[k] for k in ENCODER_PARAMS if k in p}, p["dec_net"]
-
-
 def _pair_fns(model, cfg, x, terms):
     """Jitted functions of the parameters at the batch x, for the KL terms of one pair:
 
@@ -168,33 +165,29 @@ def _pair_fns(model, cfg, x, terms):
             out["variational"] = kl.variational_kl(q, prior)
         return out
 
-    losses = {}
+    grad_fns = {}
     for t in terms:
         cfg_t = cfg.copy_and_resolve_references()
         cfg_t.loss.kl = t
-        losses[t] = steps_lib.make_loss_fn(model, cfg_t)
+        loss = steps_lib.make_loss_fn(model, cfg_t)
+        grad_fns[t] = measure.gradient_draws(
+            lambda prm, k, loss=loss: loss(prm, x, k, 0)[0],
+            lambda g: {"encoder": models.split_params(g)["encoder"]})
 
-    @jax.jit
     def grads(params, keys):
-        return {t: gradient_variance.flatten(_split_params(jax.vmap(
-            jax.grad(lambda prm, k, loss=loss: loss(prm, x, k, 0)[0]), in_axes=(None, 0))(
-                params, keys))[0]) for t, loss in losses.items()}
+        return {t: fn(params, keys)["encoder"] for t, fn in grad_fns.items()}
 
     return draws_of, closed_forms, grads
 
 
 def _moments(fn, params, key, num_draws: int, chunk: int, what: str) -> dict:
-    """{name: `experiments.moments.Moments` over draws} of fn(params, keys [chunk]) -> {name:
-    [chunk, ...]}, called ceil(num_draws / chunk) times (every call the same shape); `what`
-    names the work on the progress lines."""
-    calls = -(-num_draws // chunk)
-    progress = Progress(f"no_closed_form: {what}", calls * chunk, unit="draws", quiet_s=5.0)
-    moments = {}
-    for i in range(calls):
-        for name, v in fn(params, jax.random.split(jax.random.fold_in(key, i), chunk)).items():
-            moments.setdefault(name, Moments()).add(v)
-        progress.advance(chunk)
-    return moments
+    """{name: `vaekl.measure.Moments` over `num_draws` draws} of fn(params, keys [chunk]) ->
+    {name: [chunk, ...]} (`measure.draw_moments`: draw i uses fold_in(key, i)); `what` names
+    the work on the progress lines."""
+    progress = Progress(f"no_closed_form: {what}", num_draws, unit="draws", quiet_s=5.0)
+    m = measure.draw_moments(functools.partial(fn, params), key, num_draws=num_draws,
+                             chunk=chunk, progress=progress)
+    return {name: groups[0] for name, groups in m.items()}
 
 
 def estimator_rows(config, workdir: Path, key) -> list:
@@ -233,7 +226,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
                    "reference_draws": reference_draws}
         variances = {t: m.variance() for t, m in moments.items()}
         variances.update({t: np.zeros_like(reference) for t in fixed})
-        k1_grad = gradient_variance.grad_figures(grad_moments["k1"], "encoder")[
+        k1_grad = measure.gradient_figures(grad_moments["k1"], "encoder")[
             "encoder_grad_variance"]
         for t in list(fixed) + [t for t in terms if t in moments]:
             mean = fixed[t] if t in fixed else moments[t].mean
@@ -246,7 +239,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
                    "std": std, "std_over_k1": std / float(np.sqrt(np.mean(variances["k1"]))),
                    "approximation": t == "variational", "num_draws": draws_t}
             if t in grad_moments:
-                g = gradient_variance.grad_figures(grad_moments[t], "encoder")
+                g = measure.gradient_figures(grad_moments[t], "encoder")
                 row.update(encoder_grad_variance=g["encoder_grad_variance"],
                            encoder_snr=g["encoder_snr"],
                            encoder_grad_variance_over_k1=g["encoder_grad_variance"] / k1_grad)
@@ -304,7 +297,9 @@ def _markdown(results, config) -> str:
         f" with {cfg.eval.eval_importance_samples} samples, active units (Cov_x E_q z > 0.01; for"
         " the flow the image of its base's mean) and rate, on"
         f" {'the first ' + str(cfg.eval.eval_examples) if cfg.eval.eval_examples else 'all the'}"
-        " test examples; nats per example, mean and std over seeds, and `test_log_likelihood_se`"
+        f" test examples; nats per example, over the n = {cfg.train.num_seeds} seeds: a `_mean`"
+        " cell is the mean ± its standard error (the `_std` over sqrt(n)), `_std` the sample std (ddof 1)"
+        " over the seeds, and `test_log_likelihood_se`"
         " the standard error over the test examples (a seed's, averaged over seeds): the"
         " examples are the same in every row, so differences between rows are paired and"
         " their error is smaller.\n\n"
@@ -353,11 +348,11 @@ def _plot(results, path: Path):
     ax.set_xticks(np.arange(len(train_pairs)))
     ax.set_xticklabels([f"{a}\n{b}" for a, b in train_pairs], fontsize=8)
     ax.legend(title="KL term", fontsize=8)
-    measure = ("IWAE-%d log-likelihood" % results["eval_importance_samples"]
-               if results["eval_importance_samples"] else "test ELBO")
-    ax.set_ylabel(f"{measure} [nats per example]")
-    ax.set_title(f"{results['dataset']}: {measure}, mean ± std over {results['num_seeds']}"
-                 " seeds", fontsize=10)
+    figure = ("IWAE-%d log-likelihood" % results["eval_importance_samples"]
+              if results["eval_importance_samples"] else "test ELBO")
+    ax.set_ylabel(f"{figure} [nats per example]")
+    ax.set_title(f"{results['dataset']}: {figure},\nmean ± sample std (ddof 1) over"
+                 f" n = {results['num_seeds']} seeds", fontsize=10)
     ax.grid(alpha=0.3)
     report.save_figure(fig, path)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import linear_encoders, report
-from experiments.moments import Moments
+from vaekl.measure import Moments
 from vaekl import elbo as elbo_lib
 from vaekl import kl, linear_gaussian
 from vaekl.distributions import STANDARD_NORMAL, DiagNormal, FullNormal, diag_matrix

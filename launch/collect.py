@@ -10,8 +10,9 @@ the run wrote one), its scalar results, and the other scalar fields of config.js
 one CSV row per element, numbered in `row`.
 
 ROOT/summary.md groups the rows by --group_by (default: every swept field but `seed`,
-and `row` where there are rows) and gives each result column as mean ± std (sample
-std) over the runs of a group, or the one value where they all agree.
+and `row` where there are rows) and gives each result column as mean ± std (the sample
+std, ddof 1, `vaekl.measure.seed_summary`) over the n runs of a group (its `runs` column),
+or the one value where they all agree.
 ROOT/summary.png plots --metric (default `test_elbo` where present, else the first
 numeric result column) per group, with the std as error bars.
 """
@@ -20,7 +21,6 @@ import csv
 import datetime
 import json
 import math
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from absl import app, flags
 # JAX, which a collection made once after the sweep can afford).
 from experiments.report import fmt, markdown_table
 from launch import study, sweeps
+from vaekl import measure
 
 FLAGS = flags.FLAGS
 
@@ -150,16 +151,9 @@ def aggregate(values: Sequence[Any]) -> str:
     if all(v == values[0] for v in values):
         return fmt(values[0])
     if all(_is_number(v) for v in values):
-        return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
+        summary = measure.seed_summary(values)  # Not all equal: at least two values.
+        return f"{fmt(summary.mean)} ± {fmt(summary.std)}"
     return "(varies)"
-
-
-def mean_std(values: Sequence[Any]) -> tuple[float, float]:
-    """Mean and sample std of the numbers in `values` (std 0 for fewer than two)."""
-    numbers = [float(v) for v in values if _is_number(v)]
-    if not numbers:
-        return math.nan, math.nan
-    return statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else 0.0
 
 
 def summary_markdown(groups, by: Sequence[str], result_columns: Sequence[str],
@@ -215,14 +209,15 @@ def plot(groups, by: Sequence[str], metric: str, path: Path, root: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = [mean_std([r.get(metric) for r in rows]) for _, rows in groups]
+    stats = [measure.seed_summary([v for v in (r.get(metric) for r in rows) if _is_number(v)])
+             for _, rows in groups]
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(groups) + 1.3)))
-    ax.errorbar([m for m, _ in stats], range(len(groups)), xerr=[s for _, s in stats], fmt="o",
-                capsize=3)
+    ax.errorbar([math.nan if s.mean is None else s.mean for s in stats], range(len(groups)),
+                xerr=[s.std or 0.0 for s in stats], fmt="o", capsize=3)
     ax.set_yticks(range(len(groups)), plot_labels(groups, by), fontsize=8)
     ax.invert_yaxis()
     better = direction(metric)
-    ax.set_xlabel(f"{metric}: mean ± std over the n runs of a group")
+    ax.set_xlabel(f"{metric}: mean ± sample std (ddof 1) over the n runs of a group")
     ax.set_title(f"{Path(root).resolve().name}: {metric}" + (f" by {', '.join(by)}" if by else "")
                  + (f" ({better})" if better else ""), fontsize=10)
     ax.grid(axis="x", alpha=0.3)

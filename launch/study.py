@@ -24,12 +24,12 @@ subset) is listed apart and never enters the table.
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 
 import numpy as np
 
 from launch import sweeps
+from vaekl import measure
 
 STUDY_CONFIG = "experiments/configs/burda.py"
 
@@ -123,13 +123,6 @@ def left_out(run: dict) -> str | None:
     return None
 
 
-def _mean_std(values):
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
 def published(row: dict) -> bool:
     """Whether the row was measured as the published figures were (data, K, test set)."""
     return (row["dataset"] == PUBLISHED_DATASET and row["eval_k"] == PUBLISHED_EVAL_K
@@ -164,9 +157,9 @@ def rows(runs) -> list[dict]:
                "start": min(str(run["record"].get("start_time")) for run in group),
                "end": max(str(run["record"].get("end_time")) for run in group)}
         for m in METRICS:
-            row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([s.get(m) for s in seeds])
+            row[f"{m}_mean"], row[f"{m}_std"], _ = measure.seed_summary(s.get(m) for s in seeds)
         for m in ("test_log_likelihood", "test_elbo"):  # Each seed's SE over the images.
-            row[f"{m}_se"] = _mean_std([s.get(f"{m}_se") for s in seeds])[0]
+            row[f"{m}_se"] = measure.seed_summary(s.get(f"{m}_se") for s in seeds).mean
         burda = BURDA.get(key[:2]) if key[2] in (None, "analytic") and key[3] != "stl" else None
         nbip = NBIP.get((key[0], key[1], key[3])) if key[0] == "iwae" else None
         if key[:3] == (*VAE1, "analytic"):
@@ -202,7 +195,7 @@ def differences(runs, metric: str = "log_likelihood") -> list[dict]:
             continue
         seeds = sorted(set(per_seed[a]) & set(per_seed[b]))
         diffs = [per_seed[a][s][0] - per_seed[b][s][0] for s in seeds]
-        mean, std = _mean_std(diffs)
+        mean, std, _ = measure.seed_summary(diffs)
         images = [(per_seed[a][s][1], per_seed[b][s][1]) for s in seeds]
         se = None
         if seeds and all(x is not None and y is not None and x.shape == y.shape

@@ -111,9 +111,19 @@ def format_value(value: Any) -> str:
                      f" them, got {type(value).__name__}.")
 
 
+# The train config's fields whose value is a dict of their own (vaekl/config.py), written out
+# because launch imports neither vaekl nor JAX; tests/launch_test.py fails if they differ.
+DICT_LEAVES = ("data_options",)
+
+
 def leaf(field: str) -> str:
-    """The leaf name of a field: `loss.kl` -> `kl`."""
-    return field.rpartition(".")[2]
+    """The leaf name of a field: `loss.kl` -> `kl`; inside a dict-valued field, the path from
+    that field on: `data.data_options.obs_dim` -> `data_options.obs_dim`."""
+    parts = field.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in DICT_LEAVES:
+            return ".".join(parts[i:])
+    return parts[-1]
 
 
 def leaves(config: Mapping[str, Any]) -> dict:

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import compare_training, main, moments, report
+from experiments import compare_training, main, report
 from experiments.configs import catalog, presets
 from experiments.configs import compare_training as compare_training_config
 from experiments.configs import estimators as estimators_config
@@ -216,6 +216,7 @@ def test_every_estimated_figure_has_a_positive_standard_error(main_run):
             seeds = np.asarray(r[f"{field}_seeds"])
             assert r[f"{field}_mean_se"] == pytest.approx(
                 seeds.std(ddof=1) / math.sqrt(seeds.size), rel=1e-9)
+            assert r[f"{field}_std"] == pytest.approx(seeds.std(ddof=1), rel=1e-9)  # Not ddof 0.
     for check in part(workdir, "posterior_gap")["sampled_check"]:
         assert check["mc_elbo_se"] > 0
     summary = (workdir / "results.md").read_text()
@@ -237,44 +238,6 @@ def test_learning_curve_axis_shows_the_values_and_names_what_it_cuts():
     assert curve.min() < bottom < -30.5 and top > -29
     assert f"down to {curve.min():.4g}" in note and "until epoch" in note
     assert compare_training.y_range([(epochs, -30 + epochs)])[2] == ""  # Nothing cut.
-
-
-def test_moments_merge_chunks_like_one_pass_and_give_standard_errors():
-    rng = np.random.default_rng(0)
-    x = 3.0 + rng.exponential(size=(200_000, 2))  # Skewed: mu3, mu4 far from normal's.
-    m = moments.Moments()
-    for chunk in np.array_split(x, [1, 2, 1000, 150_000]):
-        m.add(chunk)
-    d = x - x.mean(0)
-    assert m.n == x.shape[0]
-    np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-12)
-    for k, got in ((2, m.m2), (3, m.m3), (4, m.m4)):
-        np.testing.assert_allclose(got, np.sum(d**k, 0), rtol=1e-9)
-    n = x.shape[0]
-    np.testing.assert_allclose(m.mean_se(), x.std(0, ddof=1) / math.sqrt(n), rtol=1e-12)
-    # Exponential(1): Var(s^2) = (mu4 - sigma^4) / n + O(1/n^2) = 8 / n.
-    np.testing.assert_allclose(m.variance_se(), math.sqrt(8 / n), rtol=0.1)
-    np.testing.assert_allclose(m.std_se(), math.sqrt(8 / n) / 2, rtol=0.1)
-    # Normal draws: SE(s) is about s / sqrt(2 (n - 1)).
-    normal = moments.Moments.of(rng.normal(0.0, 2.0, size=(50_000,)))
-    assert float(normal.std_se()) == pytest.approx(2.0 / math.sqrt(2 * 49_999), rel=0.05)
-    with pytest.raises(ValueError, match="at least 2 draws, got 1"):
-        moments.Moments.of(x[:1]).variance()
-
-
-def test_jackknife_over_groups_of_one_draw_is_the_classic_standard_error():
-    x = np.random.default_rng(1).normal(size=(40, 3))
-    groups = [moments.Moments.of(row[None]) for row in x]
-    loo = moments.leave_one_out(groups)
-    for g, m in enumerate(loo):
-        rest = np.delete(x, g, axis=0)
-        np.testing.assert_allclose(m.mean, rest.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(m.variance(), rest.var(0, ddof=1), rtol=1e-10)
-    np.testing.assert_allclose(moments.merge_all(groups).m2, np.sum((x - x.mean(0)) ** 2, 0),
-                               rtol=1e-12)
-    # The jackknife SE of a mean is exactly s / sqrt(n).
-    se = moments.jackknife_se([float(m.mean[0]) for m in loo])
-    assert se == pytest.approx(x[:, 0].std(ddof=1) / math.sqrt(len(x)), rel=1e-10)
 
 
 def test_a_figure_with_its_standard_error_is_one_cell():

@@ -384,8 +384,9 @@ def test_killed_sweep_is_interrupted_then_resumed(tmp_path):
 TRAINING_SWEEP = """\
 from launch.sweeps import Sweep
 
-train = Sweep(config="experiments/configs/train.py:quick", runs=[{"seed": 0}],
-              fixed={"num_epochs": 400, "batch_size": 16, "eval_importance_samples": 10})
+train = Sweep(config="experiments/configs/train.py:quick", runs=[{"train.seed": 0}],
+              fixed={"train.num_epochs": 400, "train.batch_size": 16,
+                     "eval.eval_importance_samples": 10})
 """
 PROGRESS = re.compile(r"train: \d+/\d+ steps")
 STOPPED = re.compile(r"^interrupted at step (\d+); rerun the same command to resume$", re.M)
@@ -594,6 +595,16 @@ def fake_training_run(root: Path, kl: str, seed: int, elbo: float) -> None:
     (path / "launch.json").write_text(json.dumps({"overrides": overrides, "status": "done"}))
     (path / "results.json").write_text(json.dumps(  # Like train's, it repeats kl and seed.
         {"test_elbo": elbo, "active_units": 7, "steps": 100, "kl": kl, "seed": seed}))
+
+
+def test_the_dict_valued_leaves_are_the_train_configs():
+    from vaekl import config as vaekl_config
+
+    dict_valued = [k for k, v in vaekl_config.leaves(vaekl_config.get_config()).items()
+                   if hasattr(v, "items")]
+    assert tuple(dict_valued) == sweeps.DICT_LEAVES
+    assert sweeps.leaves({"data": {"data_options": {"obs_dim": 20}}, "loss": {"kl": "k1"}}) == {
+        "data_options.obs_dim": 20, "kl": "k1"}
 
 
 def test_collect_writes_csv_and_mean_std_over_seeds(tmp_path):

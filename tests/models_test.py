@@ -83,3 +83,25 @@ def test_bernoulli_log_prob_matches_a_direct_formula(seed):
     ref = np.sum(x * np.log(p) + (1 - x) * np.log1p(-p), axis=-1)
     got = models.bernoulli_log_prob(jnp.asarray(logits, jnp.float32), jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, posterior, likelihood, prior, encoder, decoder", [
+    ("mlp", "iaf", "gaussian", "vamp", {"enc_net", "iaf"}, {"dec_net", "log_scale"}),
+    ("mlp", "diag", "bernoulli", "standard", {"enc_net"}, {"dec_net"}),
+    ("conv", "diag", "bernoulli", "learned", {"enc_torso", "enc_head"}, {"dec_net"})])
+def test_split_params_puts_every_network_parameter_in_one_part(kind, posterior, likelihood,
+                                                              prior, encoder, decoder):
+    model = models.VAE(latents=2, data_dim=16, hidden=(4,), kind=kind, image_shape=(4, 4, 1),
+                       posterior=posterior, likelihood=likelihood, prior=prior, iaf_steps=1,
+                       iaf_hidden=(4,), iaf_context=2, num_pseudo_inputs=3)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16)),
+                               jnp.zeros((1, 2)))
+    parts = models.split_params(variables)
+    assert set(parts) == {"encoder", "decoder"}
+    assert set(parts["encoder"]) == encoder and set(parts["decoder"]) == decoder
+    # The rest is the prior's own: a learned prior's or the VampPrior's pseudo-inputs.
+    rest = set(variables["params"]) - encoder - decoder
+    assert rest == {"standard": set(), "vamp": {"pseudo_inputs"},
+                    "learned": {"prior_mean", "prior_log_var"}}[prior]
+    assert parts["encoder"]["enc_head" if kind == "conv" else "enc_net"] is variables["params"][
+        "enc_head" if kind == "conv" else "enc_net"]

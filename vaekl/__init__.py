@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 # The modules loaded on first access (PEP 562); tests check this against vaekl/*.py.
 LAZY_MODULES = ("bounds", "categorical", "checkpoint", "config", "data", "distributed", "evaluate", "interrupt",
-                "linear_gaussian", "logs", "models", "prepare", "progress", "steps", "train",
+                "linear_gaussian", "logs", "measure", "models", "prepare", "progress", "steps", "train",
                 "validate", "workdir")
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import bounds, distributed, elbo, kl, linear_gaussian, models, posteriors
+from vaekl import bounds, distributed, elbo, kl, linear_gaussian, measure, models, posteriors
 from vaekl import progress as progress_lib
 from vaekl.categorical import Categorical
 from vaekl.distributions import DiagNormal
@@ -157,7 +157,11 @@ class Evaluator:
         return summarize(self.per_example(params, importance_samples, stop))
 
     def results(self, summary: dict, num_seeds: int) -> dict:
-        """The results.json figures: scalars, plus a per-seed list when vmapped."""
+        """The results.json figures: scalars, plus a per-seed list when vmapped.
+
+        With several seeds, each figure is the mean over the seeds, `<figure>_std` their
+        sample std (ddof 1, `vaekl.measure.seed_summary`) and `seeds` the per-seed figures.
+        """
         evaluation = self._config.eval
         extra = {"eval_importance_samples": evaluation.eval_importance_samples,
                  "eval_elbo_samples": evaluation.eval_elbo_samples, "test_examples": self._n}
@@ -169,8 +173,9 @@ class Evaluator:
         seeds = [{k: v[s] for k, v in summary.items()} | {"seed": self._config.train.seed + s}
                  for s in range(num_seeds)]
         means = {k: float(np.mean(v)) for k, v in summary.items() if k != "per_dim_kl"}
-        stds = {f"{k}_std": float(np.std(v)) for k, v in summary.items()
-                if k != "per_dim_kl" and not k.endswith("_se")}  # An SE's mean, not its spread.
+        # The sample std over the seeds (ddof 1); an SE gets its mean, not its spread.
+        stds = {f"{k}_std": measure.seed_summary(v).std for k, v in summary.items()
+                if k != "per_dim_kl" and not k.endswith("_se")}
         return {**means, **stds, **extra, "seeds": seeds}
 
     def write_images(self, workdir: Path, params, keys, *, epoch: int, step: int,

@@ -248,6 +248,30 @@ def latent_shape(model: VAE) -> tuple[int, ...]:
     return (model.latents,) + ((model.categories,) if model.posterior == "categorical" else ())
 
 
+# The VAE's submodules and parameters by part (see `split_params`); the prior's own parameters
+# (a learned prior's, a mixture's, the VampPrior's pseudo-inputs) are in neither.
+ENCODER_PARAMS = ("enc_net", "enc_torso", "enc_head", "iaf")
+DECODER_PARAMS = ("dec_net", "log_scale")
+
+
+def split_params(variables) -> dict:
+    """The encoder's and the decoder's parts of a `VAE`'s variables, or of a tree shaped like
+    them (their gradients): {"encoder": {name: subtree}, "decoder": {name: subtree}}.
+
+    The encoder holds the MLP or conv encoder and the IAF flow (`ENCODER_PARAMS`), the
+    decoder the decoder net and a Gaussian decoder's learned log-scale (`DECODER_PARAMS`).
+
+    Args:
+      variables: {"params": {...}} as `VAE.init` returns it.
+
+    Returns:
+      The two parts; each keeps the names of its subtrees, so its leaves come in a fixed order.
+    """
+    params = variables["params"]
+    return {"encoder": {k: params[k] for k in ENCODER_PARAMS if k in params},
+            "decoder": {k: params[k] for k in DECODER_PARAMS if k in params}}
+
+
 def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     """Sum over the last axis of log Bernoulli(x; sigmoid(logits)), x in [0, 1].
 

@@ -227,7 +227,22 @@ def describe(study_rows) -> str:
             f" of {images} test images")
 
 
-def markdown(study_rows, diffs=(), excluded=()) -> str:
+def not_run(runs) -> list[tuple[str, list[str]]]:
+    """(sweep, labels of its rows that no run in `runs` measured) for each registered sweep
+    of the runs' study config (burda.py:short: burda_short and burda_short_k50)."""
+    configs = {r["record"].get("config") for r in runs}
+    done = {row_key(r["config"]) for r in runs}
+    out = []
+    for name, sweep in sweeps.SWEEPS.items():
+        if sweep.config in configs:
+            keys = [row_key(sweeps.leaves(o)) for o in sweep.runs]
+            missing = [label(k) for k in dict.fromkeys(keys) if k not in done]
+            if missing:
+                out.append((name, missing))
+    return out
+
+
+def markdown(study_rows, diffs=(), excluded=(), missing=(), root=None) -> str:
     with_published = any(published(r) for r in study_rows)
     lines = [
         "## The study: analytic vs sampled KL, IWAE vs VAE, DReG vs reparam", "",
@@ -287,6 +302,10 @@ def markdown(study_rows, diffs=(), excluded=()) -> str:
         reasons.setdefault(why, []).append(f"`{name}`")
     for why, names in reasons.items():
         lines += ["", f"Left out of the table, {why}: {len(names)} run(s), {', '.join(names)}."]
+    for name, labels in missing:
+        lines += ["", f"Not run yet, rows of the sweep `{name}`: {'; '.join(labels)}. To run"
+                  f" them: `python -m launch.sweep --sweep={name} --root={root or 'ROOT'}"
+                  " --data_dir=DATA_DIR --commit`, then this collect again."]
     return "\n".join(lines) + "\n"
 
 
@@ -343,4 +362,5 @@ def write(prefix: Path, run_dirs) -> tuple[dict[str, Path], str]:
         for r in study_rows:
             writer.writerow({k: "" if r.get(k) is None else r[k] for k in CSV_COLUMNS})
     plot(study_rows, paths["study_plot"])
-    return paths, markdown(study_rows, differences(kept), excluded)
+    root = Path(run_dirs[0]).parent
+    return paths, markdown(study_rows, differences(kept), excluded, not_run(kept), root)

@@ -127,6 +127,11 @@ def test_study_table_pairs_seeds_and_places_published_figures(tmp_path):
     assert pair["se"] == pytest.approx(se, rel=1e-6)
     assert (f"| analytic − k1 (VAE k=1) | 3 | {d.mean():.2f} | {np.std(d, ddof=1):.2f} (2) |"
             f" {se:.3f} |") in summary
+    # The short protocol's rows no run measured, each sweep's with its command.
+    assert ("Not run yet, rows of the sweep `burda_short`: VAE k=1, KL k3; VAE k=1, KL stl;"
+            " VAE k=5, KL analytic; IWAE k=5, reparam; IWAE k=5, stl; IWAE k=5, dreg.") in summary
+    assert "rows of the sweep `burda_short_k50`: VAE k=50, KL analytic;" in summary
+    assert f"--sweep=burda_short_k50 --root={tmp_path} --data_dir=DATA_DIR --commit" in summary
 
 
 def test_study_table_has_no_published_figures_off_their_protocol(tmp_path):

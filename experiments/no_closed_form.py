@@ -45,7 +45,6 @@ from absl import logging
 
 from experiments import report
 from vaekl import bounds, checkpoint, elbo, kl, measure, models
-from vaekl import config as config_lib
 from vaekl.distributions import DiagNormal, MixtureOfGaussians
 from vaekl.progress import Progress
 
@@ -63,7 +62,7 @@ def run_name(posterior: str, prior: str, kl: str) -> str:
 
 def pair_terms(posterior: str, prior: str, kls) -> tuple[str, ...]:
     """The terms of `kls` that apply to the pair, in `kls`' order."""
-    allowed = kl.terms(*config_lib.pair_types(posterior, prior))
+    allowed = kl.terms(*models.pair_types(posterior, prior))
     return tuple(k for k in kls if k in allowed)
 
 
@@ -201,7 +200,7 @@ def estimator_rows(config, workdir: Path, key) -> list:
         logging.info("no_closed_form: KL terms, pair %d/%d, %s", pi + 1, len(config.pairs), pair)
         model, cfg, params, x = _trained(config, workdir, posterior, prior)
         keys = [jax.random.fold_in(jax.random.fold_in(key, pi), i) for i in range(3)]
-        terms = kl.terms(*config_lib.pair_types(posterior, prior))
+        terms = kl.terms(*models.pair_types(posterior, prior))
         draws_of, closed_forms, grads = _pair_fns(model, cfg, x, terms)
         # Draws per call: about `bounds.CHUNK_ELEMENTS` latent values.
         cap = max(1, bounds.CHUNK_ELEMENTS // x.shape[0] // cfg.model.latents)

@@ -260,7 +260,7 @@ def _categorical_rows() -> list[Overrides]:
 
 
 # The KL terms of each (posterior, prior) pair of `no_closed_form`: what `vaekl.kl.terms` answers
-# for the pair's classes (`vaekl.config.pair_types`), written out because launch imports neither
+# for the pair's classes (`vaekl.models.pair_types`), written out because launch imports neither
 # vaekl nor JAX; tests/no_closed_form_test.py fails if the two ever differ.
 NO_CLOSED_FORM_TERMS = {
     ("diag", "standard"): ["analytic", "k1", "k3", "stl", "entropy"],

@@ -85,7 +85,7 @@ def test_a_pair_without_the_term_fails_at_once_naming_it(tmp_path, overrides, pi
 def test_sweep_lists_the_terms_each_pair_allows_and_every_run_is_a_valid_config():
     sweep = sweeps.get("no_closed_form")
     for (q, p), terms in sweeps.NO_CLOSED_FORM_TERMS.items():
-        assert tuple(terms) == kl.terms(*vaekl_config.pair_types(q, p)), (q, p)
+        assert tuple(terms) == kl.terms(*models.pair_types(q, p)), (q, p)
     pairs = {(r["model.posterior"], r["model.prior"]) for r in sweep.runs}
     # Every continuous family; categorical latents have their own sweep, categorical_vae.
     assert {q for q, _ in pairs} == set(posteriors.FAMILIES) - {"categorical"}
@@ -150,7 +150,7 @@ def test_experiment_measures_every_term_of_every_pair(experiment):
     _, config, results = experiment
     by = {(r["posterior"], r["prior"], r["kl"]): r for r in results["estimators"]}
     for q, p in config.pairs:
-        terms = kl.terms(*vaekl_config.pair_types(q, p))
+        terms = kl.terms(*models.pair_types(q, p))
         extra = ("variational",) if q != "iaf" and models.PRIORS[p] is not DiagNormal else ()
         assert {k for (qq, pp, k) in by if (qq, pp) == (q, p)} == set(terms + extra)
         k1 = by[(q, p, "k1")]

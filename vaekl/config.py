@@ -283,24 +283,20 @@ def check(config, *, num_devices: int) -> None:
     Raises:
       ValueError: `config.<group>.<field>: ...`, naming what was expected.
     """
-    from vaekl import bounds, elbo, models, posteriors, validate  # JAX: not for config files.
+    from vaekl import bounds, elbo, models, validate  # JAX: not for config files.
 
+    models.check_model_config(config)
     objectives = ("elbo",) + bounds.OBJECTIVES
     for field, allowed in (("loss.kl", elbo.KL_TERMS), ("loss.objective", objectives),
                            ("loss.grad_estimator", bounds.GRAD_ESTIMATORS),
                            ("optim.optimizer", OPTIMIZERS), ("optim.schedule", SCHEDULES),
-                           ("train.on_nan", ON_NAN), ("model.prior", models.PRIORS),
-                           ("model.posterior", posteriors.FAMILIES),
-                           ("model.kind", models.KINDS), ("model.activation", models.ACTIVATIONS),
-                           ("model.init", models.INITS)):
+                           ("train.on_nan", ON_NAN)):
         validate.config_choice(config, field, allowed)
-    if config.model.likelihood:
-        validate.config_choice(config, "model.likelihood", models.LIKELIHOODS)
-    for field in ("model.latents", "train.batch_size", "loss.num_samples", "train.num_seeds",
-                  "loss.outer_samples", "model.iaf_steps", "model.num_pseudo_inputs"):
+    for field in ("train.batch_size", "loss.num_samples", "train.num_seeds",
+                  "loss.outer_samples"):
         validate.config_int(config, field, minimum=1)
     for field in ("train.num_epochs", "eval.eval_importance_samples", "loss.kl_warmup_steps",
-                  "model.iaf_context", "eval.eval_examples"):
+                  "eval.eval_examples"):
         validate.config_int(config, field, minimum=0)
     if not config.optim.learning_rate > 0:
         raise ValueError("config.optim.learning_rate: expected > 0, got"
@@ -316,22 +312,9 @@ def check(config, *, num_devices: int) -> None:
     _check_categorical(config)
     _check_kl_term(config)
     _check_objective(config.loss)
-    for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
-        widths = model[field]
-        if any(not isinstance(h, int) or h < 1 for h in widths) or not (widths or allow_empty):
-            raise ValueError(f"config.model.{field}: expected a tuple of ints >= 1"
-                             f"{'' if allow_empty else ' (at least one)'}, got {widths!r}.")
     if config.train.batch_size % num_devices:
         raise ValueError(f"config.train.batch_size: {config.train.batch_size} must be divisible"
                          f" by the {num_devices} devices it is sharded over.")
-
-
-def pair_types(posterior: str, prior: str) -> tuple[type, type]:
-    """The classes of q and p that `config.posterior` and `config.prior` name (for
-    `vaekl.kl.terms`, which answers which KL terms apply to them)."""
-    from vaekl import models, posteriors  # JAX: not for config files.
-
-    return posteriors.FAMILIES[posterior], models.PRIORS[prior]
 
 
 # The KL terms of each categorical gradient: k1/k3 of relaxed draws against the discrete
@@ -347,7 +330,6 @@ def _check_categorical(config):
 
     loss, model = config.loss, config.model
     validate.config_choice(config, "loss.categorical_gradient", CATEGORICAL_GRADIENTS)
-    validate.config_int(config, "model.categories", minimum=2)
     for field in ("temperature", "temperature_min"):
         if not loss[field] > 0:
             raise ValueError(f"config.loss.{field}: expected > 0, got {loss[field]!r}.")
@@ -357,9 +339,6 @@ def _check_categorical(config):
     if not 0.0 <= loss.baseline_decay < 1.0:
         raise ValueError(f"config.loss.baseline_decay: expected a number in [0, 1), got"
                          f" {loss.baseline_decay!r}.")
-    if (model.posterior == "categorical") != (model.prior == "uniform"):
-        raise ValueError("config.model.prior: posterior='categorical' and prior='uniform' go"
-                         f" together (got posterior={model.posterior!r}, prior={model.prior!r}).")
     if model.posterior != "categorical":
         return
     if loss.objective != "elbo":
@@ -374,11 +353,11 @@ def _check_categorical(config):
 
 def _check_kl_term(config):
     """config.loss.kl applies to the (posterior, prior) pair of config.model (by `check`)."""
-    from vaekl import kl
+    from vaekl import kl, models
 
     posterior, prior = config.model.posterior, config.model.prior
     if config.loss.objective == "elbo" and posterior != "categorical":  # (_check_categorical)
-        q_type, p_type = pair_types(posterior, prior)
+        q_type, p_type = models.pair_types(posterior, prior)
         kl.check_term(f"config.loss.kl: {config.loss.kl!r}", config.loss.kl, q_type, p_type,
                       pair=(f"posterior={posterior!r} with prior={prior!r}"
                             f" ({kl.pair_name(q_type, p_type)})"))

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vaekl import posteriors
+from vaekl import posteriors, validate
 from vaekl.categorical import Categorical
 from vaekl.distributions import (STANDARD_NORMAL, DiagNormal, MixtureOfGaussians,
                                  gaussian_log_prob)
@@ -241,6 +241,40 @@ class VAE(nn.Module):
     def __call__(self, x, z):
         """Touches every parameter (for `init`): x [B, D], z [B, *latent_shape()]."""
         return self.encode_posterior(x), self.log_likelihood(x, z[None]), self.get_prior()
+
+
+def pair_types(posterior: str, prior: str) -> tuple[type, type]:
+    """The classes of q and p that `config.model.posterior` and `config.model.prior` name
+    (for `vaekl.kl.terms`, which answers which KL terms apply to them)."""
+    return posteriors.FAMILIES[posterior], PRIORS[prior]
+
+
+def check_model_config(config) -> None:
+    """Raises one error naming the first bad field of `config.model` (a complete config).
+
+    Called by `vaekl.config.check`, before any data loads: the names, the counts, that
+    posterior="categorical" goes with prior="uniform", and the layer widths.
+
+    Raises:
+      ValueError (TypeError for a count that is no int): `config.model.<field>: ...`.
+    """
+    model = config.model
+    for field, allowed in (("prior", PRIORS), ("posterior", posteriors.FAMILIES),
+                           ("kind", KINDS), ("activation", ACTIVATIONS), ("init", INITS)):
+        validate.config_choice(config, f"model.{field}", allowed)
+    if model.likelihood:  # "" takes the data set's.
+        validate.config_choice(config, "model.likelihood", LIKELIHOODS)
+    for field, minimum in (("latents", 1), ("iaf_steps", 1), ("num_pseudo_inputs", 1),
+                           ("iaf_context", 0), ("categories", 2)):
+        validate.config_int(config, f"model.{field}", minimum=minimum)
+    if (model.posterior == "categorical") != (model.prior == "uniform"):
+        raise ValueError("config.model.prior: posterior='categorical' and prior='uniform' go"
+                         f" together (got posterior={model.posterior!r}, prior={model.prior!r}).")
+    for field, allow_empty in (("hidden", True), ("iaf_hidden", False)):
+        widths = model[field]
+        if any(not isinstance(h, int) or h < 1 for h in widths) or not (widths or allow_empty):
+            raise ValueError(f"config.model.{field}: expected a tuple of ints >= 1"
+                             f"{'' if allow_empty else ' (at least one)'}, got {widths!r}.")
 
 
 def latent_shape(model: VAE) -> tuple[int, ...]:

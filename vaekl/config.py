@@ -34,7 +34,6 @@ configs leaf by leaf. A field's description is its comment in `get_config`, whic
 """
 
 import difflib
-import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -56,7 +55,6 @@ PRESETS = {
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae", "jang")
-CATEGORICAL_GRADIENTS = ("gumbel", "st_gumbel", "score")
 ON_NAN = ("stop", "skip")
 
 
@@ -116,7 +114,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # relaxed draw flattened, [N * K]). The gradient: "gumbel" (relaxed draws; kl analytic
     # or relaxed), "st_gumbel" (straight-through: one-hot forward, relaxed gradient) or
     # "score" (REINFORCE, hard draws; kl analytic, k1, k3 or entropy).
-    o.categorical_gradient = "gumbel"  # One of CATEGORICAL_GRADIENTS.
+    o.categorical_gradient = "gumbel"  # One of vaekl.steps.CATEGORICAL_GRADIENTS.
     o.temperature = 1.0  # Gumbel: tau = max(temperature * exp(-rate * s), min), s = step ...
     o.temperature_rate = 3e-5  # ... rounded down to a multiple of 1000 (Jang et al.'s r) ...
     o.temperature_min = 0.5  # ... and their floor.
@@ -274,118 +272,29 @@ def complete(config) -> ml_collections.ConfigDict:
 def check(config, *, num_devices: int) -> None:
     """Raises one error naming the first field of a complete `config` that is bad.
 
-    Checked before anything loads: the choices, the numbers' ranges, the fields that
-    must agree with each other (the KL term with the (posterior, prior) pair, the
-    objective's fields), and a batch that splits over the `num_devices`. Every
-    objective, gradient estimator, posterior and prior combine; what is refused is what
-    is undefined (a closed-form KL or entropy that the pair has not, say).
+    Checked before anything loads, group by group, by the checks beside the code that
+    uses each group (see the module docstring): the choices, the numbers' ranges, the
+    fields that must agree with each other, and a batch that splits over the
+    `num_devices`.
 
     Raises:
-      ValueError: `config.<group>.<field>: ...`, naming what was expected.
+      ValueError (TypeError for a count that is no int): `config.<group>.<field>: ...`,
+        naming what was expected.
     """
-    from vaekl import bounds, elbo, models, validate  # JAX: not for config files.
+    from vaekl import models, steps, validate  # JAX: not for config files.
 
     models.check_model_config(config)
-    objectives = ("elbo",) + bounds.OBJECTIVES
-    for field, allowed in (("loss.kl", elbo.KL_TERMS), ("loss.objective", objectives),
-                           ("loss.grad_estimator", bounds.GRAD_ESTIMATORS),
-                           ("optim.optimizer", OPTIMIZERS), ("optim.schedule", SCHEDULES),
+    steps.check_loss_config(config)
+    for field, allowed in (("optim.optimizer", OPTIMIZERS), ("optim.schedule", SCHEDULES),
                            ("train.on_nan", ON_NAN)):
         validate.config_choice(config, field, allowed)
-    for field in ("train.batch_size", "loss.num_samples", "train.num_seeds",
-                  "loss.outer_samples"):
+    for field in ("train.batch_size", "train.num_seeds"):
         validate.config_int(config, field, minimum=1)
-    for field in ("train.num_epochs", "eval.eval_importance_samples", "loss.kl_warmup_steps",
-                  "eval.eval_examples"):
+    for field in ("train.num_epochs", "eval.eval_importance_samples", "eval.eval_examples"):
         validate.config_int(config, field, minimum=0)
     if not config.optim.learning_rate > 0:
         raise ValueError("config.optim.learning_rate: expected > 0, got"
                          f" {config.optim.learning_rate!r}.")
-    loss, model = config.loss, config.model
-    if loss.beta < 0 or loss.free_bits < 0:
-        raise ValueError("config.loss.beta and config.loss.free_bits: expected >= 0.")
-    if loss.free_bits and (loss.kl != "analytic" or model.prior != "standard"
-                           or model.posterior != "diag"):
-        raise ValueError("config.loss.free_bits: per-dimension free bits need kl='analytic',"
-                         " prior='standard' and posterior='diag' (got kl="
-                         f"{loss.kl!r}, prior={model.prior!r}, posterior={model.posterior!r}).")
-    _check_categorical(config)
-    _check_kl_term(config)
-    _check_objective(config.loss)
     if config.train.batch_size % num_devices:
         raise ValueError(f"config.train.batch_size: {config.train.batch_size} must be divisible"
                          f" by the {num_devices} devices it is sharded over.")
-
-
-# The KL terms of each categorical gradient: k1/k3 of relaxed draws against the discrete
-# prior (a mass function at a point of the simplex) would be no KL estimate at all.
-CATEGORICAL_KL_TERMS = {"gumbel": ("analytic", "relaxed"), "st_gumbel": ("analytic", "relaxed"),
-                        "score": ("analytic", "k1", "k3", "entropy")}
-
-
-def _check_categorical(config):
-    """The categorical fields (called by `check`): posterior="categorical" goes with
-    prior="uniform" and objective="elbo", and its gradient with its KL terms."""
-    from vaekl import validate
-
-    loss, model = config.loss, config.model
-    validate.config_choice(config, "loss.categorical_gradient", CATEGORICAL_GRADIENTS)
-    for field in ("temperature", "temperature_min"):
-        if not loss[field] > 0:
-            raise ValueError(f"config.loss.{field}: expected > 0, got {loss[field]!r}.")
-    if not (loss.temperature_rate >= 0 and loss.prior_temperature >= 0):
-        raise ValueError("config.loss.temperature_rate and config.loss.prior_temperature:"
-                         " expected >= 0.")
-    if not 0.0 <= loss.baseline_decay < 1.0:
-        raise ValueError(f"config.loss.baseline_decay: expected a number in [0, 1), got"
-                         f" {loss.baseline_decay!r}.")
-    if model.posterior != "categorical":
-        return
-    if loss.objective != "elbo":
-        raise ValueError(f"config.loss.objective: {loss.objective!r} has no gradient for"
-                         " categorical latents (vaekl.bounds needs a reparameterised q); use"
-                         " 'elbo' (score-function or Gumbel gradients).")
-    terms = CATEGORICAL_KL_TERMS[loss.categorical_gradient]
-    if loss.kl not in terms:
-        raise ValueError(f"config.loss.kl: {loss.kl!r} does not apply to categorical_gradient="
-                         f"{loss.categorical_gradient!r}; expected one of {terms}.")
-
-
-def _check_kl_term(config):
-    """config.loss.kl applies to the (posterior, prior) pair of config.model (by `check`)."""
-    from vaekl import kl, models
-
-    posterior, prior = config.model.posterior, config.model.prior
-    if config.loss.objective == "elbo" and posterior != "categorical":  # (_check_categorical)
-        q_type, p_type = models.pair_types(posterior, prior)
-        kl.check_term(f"config.loss.kl: {config.loss.kl!r}", config.loss.kl, q_type, p_type,
-                      pair=(f"posterior={posterior!r} with prior={prior!r}"
-                            f" ({kl.pair_name(q_type, p_type)})"))
-
-
-def _check_objective(loss):
-    """The fields of config.loss agree with each other (called by `check`)."""
-    objective = loss.objective
-    if objective == "elbo":
-        if loss.grad_estimator != "reparam":
-            raise ValueError(
-                f"config.loss.grad_estimator: {loss.grad_estimator!r} is for the importance-"
-                "weighted objectives; with objective='elbo' the gradient follows config.loss.kl"
-                " (kl='stl' is sticking the landing; DReG with K = 1 is STL too).")
-    elif loss.kl != "analytic" or loss.beta != 1.0 or loss.kl_warmup_steps \
-            or loss.free_bits:
-        raise ValueError(
-            f"config.loss.objective: {objective!r} samples its KL inside the bound; kl,"
-            " beta, kl_warmup_steps and free_bits apply to objective='elbo' only (got"
-            f" kl={loss.kl!r}, beta={loss.beta}, kl_warmup_steps="
-            f"{loss.kl_warmup_steps}, free_bits={loss.free_bits}).")
-    if loss.outer_samples > 1 and objective not in ("miwae", "piwae"):
-        raise ValueError(f"config.loss.outer_samples: M = {loss.outer_samples} is for"
-                         f" objective 'miwae' or 'piwae', not {objective!r}.")
-    if not 0.0 <= loss.ciwae_beta <= 1.0:
-        raise ValueError(f"config.loss.ciwae_beta: expected a number in [0, 1], got"
-                         f" {loss.ciwae_beta!r}.")
-    if not (math.isfinite(loss.renyi_alpha) and loss.renyi_alpha >= 0):
-        raise ValueError(f"config.loss.renyi_alpha: expected a finite number >= 0 (for alpha < 0"
-                         " the Renyi objective is not a lower bound on log p(x)), got"
-                         f" {loss.renyi_alpha!r}.")

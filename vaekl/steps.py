@@ -6,17 +6,19 @@ single device call with no host synchronisation inside. Randomness is
 `fold_in(key, step)` and the data order `fold_in(key, epoch)`, so a resumed run
 draws exactly the numbers an uninterrupted one would. `training_fns` is what
 `vaekl.train.train_and_evaluate` runs (and what benchmarks time); the loss is
-`make_loss_fn`'s: the ELBO with a KL term, or a `vaekl.bounds` objective.
+`make_loss_fn`'s: the ELBO with a KL term, or a `vaekl.bounds` objective, whose fields
+`check_loss_config` checks (`vaekl.config.check` calls it before any data loads).
 """
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from vaekl import bounds, distributed, elbo, kl, models
+from vaekl import bounds, distributed, elbo, kl, models, validate
 from vaekl.categorical import RelaxedCategorical
 
 
@@ -50,6 +52,13 @@ def temperature(loss_config, step: jax.Array) -> jax.Array:
     s = (step // 1000) * 1000
     return jnp.maximum(loss_config.temperature * jnp.exp(-loss_config.temperature_rate * s),
                        loss_config.temperature_min)
+
+
+CATEGORICAL_GRADIENTS = ("gumbel", "st_gumbel", "score")  # config.loss.categorical_gradient's.
+# The KL terms of each categorical gradient: k1/k3 of relaxed draws against the discrete
+# prior (a mass function at a point of the simplex) would be no KL estimate at all.
+CATEGORICAL_KL_TERMS = {"gumbel": ("analytic", "relaxed"), "st_gumbel": ("analytic", "relaxed"),
+                        "score": ("analytic", "k1", "k3", "entropy")}
 
 
 def _categorical_q(q, loss_config, step):
@@ -123,6 +132,95 @@ def make_loss_fn(model: models.VAE, config):
                       "rate": jnp.mean(bound.rate), "distortion": jnp.mean(bound.distortion)}
 
     return loss_fn
+
+
+def check_loss_config(config) -> None:
+    """Raises one error naming the first bad field of `config.loss` (a complete config whose
+    config.model `vaekl.models.check_model_config` passed).
+
+    Called by `vaekl.config.check`, before any data loads: the names, the counts and
+    ranges, and the fields that must agree (free bits, the categorical gradient with its
+    KL terms, the KL term with the (posterior, prior) pair, the objective's fields).
+    Every objective, gradient estimator, posterior and prior combine; what is refused is
+    what is undefined (a closed-form KL or entropy that the pair has not, say).
+
+    Raises:
+      ValueError (TypeError for a count that is no int): `config.loss.<field>: ...`.
+    """
+    loss, model = config.loss, config.model
+    for field, allowed in (("kl", elbo.KL_TERMS), ("objective", ("elbo",) + bounds.OBJECTIVES),
+                           ("grad_estimator", bounds.GRAD_ESTIMATORS),
+                           ("categorical_gradient", CATEGORICAL_GRADIENTS)):
+        validate.config_choice(config, f"loss.{field}", allowed)
+    for field, minimum in (("num_samples", 1), ("outer_samples", 1), ("kl_warmup_steps", 0)):
+        validate.config_int(config, f"loss.{field}", minimum=minimum)
+    if loss.beta < 0 or loss.free_bits < 0:
+        raise ValueError("config.loss.beta and config.loss.free_bits: expected >= 0.")
+    if loss.free_bits and (loss.kl != "analytic" or model.prior != "standard"
+                           or model.posterior != "diag"):
+        raise ValueError("config.loss.free_bits: per-dimension free bits need kl='analytic',"
+                         " prior='standard' and posterior='diag' (got kl="
+                         f"{loss.kl!r}, prior={model.prior!r}, posterior={model.posterior!r}).")
+    _check_categorical(loss, model)
+    if loss.objective == "elbo" and model.posterior != "categorical":  # (_check_categorical)
+        q_type, p_type = models.pair_types(model.posterior, model.prior)
+        kl.check_term(f"config.loss.kl: {loss.kl!r}", loss.kl, q_type, p_type,
+                      pair=(f"posterior={model.posterior!r} with prior={model.prior!r}"
+                            f" ({kl.pair_name(q_type, p_type)})"))
+    _check_objective(loss)
+
+
+def _check_categorical(loss, model) -> None:
+    """The categorical fields of config.loss (by `check_loss_config`): the temperatures and
+    the baseline; categorical latents train with objective="elbo" and their gradient's
+    KL terms."""
+    for field in ("temperature", "temperature_min"):
+        if not loss[field] > 0:
+            raise ValueError(f"config.loss.{field}: expected > 0, got {loss[field]!r}.")
+    if not (loss.temperature_rate >= 0 and loss.prior_temperature >= 0):
+        raise ValueError("config.loss.temperature_rate and config.loss.prior_temperature:"
+                         " expected >= 0.")
+    if not 0.0 <= loss.baseline_decay < 1.0:
+        raise ValueError(f"config.loss.baseline_decay: expected a number in [0, 1), got"
+                         f" {loss.baseline_decay!r}.")
+    if model.posterior != "categorical":
+        return
+    if loss.objective != "elbo":
+        raise ValueError(f"config.loss.objective: {loss.objective!r} has no gradient for"
+                         " categorical latents (vaekl.bounds needs a reparameterised q); use"
+                         " 'elbo' (score-function or Gumbel gradients).")
+    terms = CATEGORICAL_KL_TERMS[loss.categorical_gradient]
+    if loss.kl not in terms:
+        raise ValueError(f"config.loss.kl: {loss.kl!r} does not apply to categorical_gradient="
+                         f"{loss.categorical_gradient!r}; expected one of {terms}.")
+
+
+def _check_objective(loss) -> None:
+    """The fields of config.loss agree with its objective (by `check_loss_config`)."""
+    objective = loss.objective
+    if objective == "elbo":
+        if loss.grad_estimator != "reparam":
+            raise ValueError(
+                f"config.loss.grad_estimator: {loss.grad_estimator!r} is for the importance-"
+                "weighted objectives; with objective='elbo' the gradient follows config.loss.kl"
+                " (kl='stl' is sticking the landing; DReG with K = 1 is STL too).")
+    elif loss.kl != "analytic" or loss.beta != 1.0 or loss.kl_warmup_steps \
+            or loss.free_bits:
+        raise ValueError(
+            f"config.loss.objective: {objective!r} samples its KL inside the bound; kl,"
+            " beta, kl_warmup_steps and free_bits apply to objective='elbo' only (got"
+            f" kl={loss.kl!r}, beta={loss.beta}, kl_warmup_steps="
+            f"{loss.kl_warmup_steps}, free_bits={loss.free_bits}).")
+    if loss.outer_samples > 1 and objective not in ("miwae", "piwae"):
+        raise ValueError(f"config.loss.outer_samples: M = {loss.outer_samples} is for"
+                         f" objective 'miwae' or 'piwae', not {objective!r}.")
+    if not 0.0 <= loss.ciwae_beta <= 1.0:
+        raise ValueError(f"config.loss.ciwae_beta: expected a number in [0, 1], got"
+                         f" {loss.ciwae_beta!r}.")
+    if not (math.isfinite(loss.renyi_alpha) and loss.renyi_alpha >= 0):
+        raise ValueError(f"config.loss.renyi_alpha: expected a finite number >= 0 (for alpha < 0"
+                         " the Renyi objective is not a lower bound on log p(x)), got"
+                         f" {loss.renyi_alpha!r}.")
 
 
 def make_epoch_fn(model, config, tx, *, steps_per_epoch: int, binarize: bool, mesh=None):

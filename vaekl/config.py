@@ -53,11 +53,6 @@ PRESETS = {
 }
 
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae", "jang")
-ON_NAN = ("stop", "skip")
-
-
 class UnknownPresetError(LookupError):
     """An argument after a config file's name that is none of the file's presets.
 
@@ -121,9 +116,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     o.prior_temperature = 0.0  # kl="relaxed": lambda of the relaxed prior (0: q's tau).
     o.baseline_decay = 0.99  # Score: the baseline is this EMA of past steps' batch-mean ELBO.
     p = c.optim = ml_collections.ConfigDict()  # The optimiser: vaekl.train.create_optimizer.
-    p.optimizer = "adam"  # One of OPTIMIZERS.
+    p.optimizer = "adam"  # One of vaekl.train.OPTIMIZERS.
     p.learning_rate = 1e-3  # The (peak) learning rate.
-    p.schedule = "constant"  # The learning-rate schedule, one of SCHEDULES.
+    p.schedule = "constant"  # The learning-rate schedule, one of vaekl.train.SCHEDULES.
     p.warmup_steps = 0  # Linear warm-up steps of warmup_cosine.
     p.adam_b1 = 0.9  # Adam's beta1.
     p.adam_b2 = 0.999  # Adam's beta2.
@@ -281,20 +276,10 @@ def check(config, *, num_devices: int) -> None:
       ValueError (TypeError for a count that is no int): `config.<group>.<field>: ...`,
         naming what was expected.
     """
-    from vaekl import models, steps, validate  # JAX: not for config files.
+    from vaekl import evaluate, models, steps, train  # JAX: not for config files.
 
     models.check_model_config(config)
     steps.check_loss_config(config)
-    for field, allowed in (("optim.optimizer", OPTIMIZERS), ("optim.schedule", SCHEDULES),
-                           ("train.on_nan", ON_NAN)):
-        validate.config_choice(config, field, allowed)
-    for field in ("train.batch_size", "train.num_seeds"):
-        validate.config_int(config, field, minimum=1)
-    for field in ("train.num_epochs", "eval.eval_importance_samples", "eval.eval_examples"):
-        validate.config_int(config, field, minimum=0)
-    if not config.optim.learning_rate > 0:
-        raise ValueError("config.optim.learning_rate: expected > 0, got"
-                         f" {config.optim.learning_rate!r}.")
-    if config.train.batch_size % num_devices:
-        raise ValueError(f"config.train.batch_size: {config.train.batch_size} must be divisible"
-                         f" by the {num_devices} devices it is sharded over.")
+    train.check_optim_config(config)
+    train.check_train_config(config, num_devices=num_devices)
+    evaluate.check_eval_config(config)

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import bounds, distributed, elbo, kl, linear_gaussian, measure, models, posteriors
+from vaekl import (bounds, distributed, elbo, kl, linear_gaussian, measure, models, posteriors,
+                   validate)
 from vaekl import progress as progress_lib
 from vaekl.categorical import Categorical
 from vaekl.distributions import DiagNormal
@@ -69,6 +70,18 @@ def has_exact_marginal(model: models.VAE) -> bool:
     """Whether `decoder_model` applies: a linear Gaussian decoder and a Gaussian prior."""
     return (model.kind == "mlp" and not tuple(model.hidden) and model.likelihood == "gaussian"
             and models.PRIORS[model.prior] is DiagNormal)
+
+
+def check_eval_config(config) -> None:
+    """Raises one error naming the first bad field of `config.eval` (called by
+    `vaekl.config.check`, before any data loads; `vaekl.train.load_data` refuses more
+    `eval_examples` than the test split has, once it is loaded).
+
+    Raises:
+      ValueError (TypeError for a count that is no int): `config.eval.<field> ...`.
+    """
+    for field in ("eval_importance_samples", "eval_examples"):
+        validate.config_int(config, f"eval.{field}", minimum=0)
 
 
 class Evaluator:

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vaekl import checkpoint, distributed, evaluate, interrupt, logs, models
+from vaekl import checkpoint, distributed, evaluate, interrupt, logs, models, validate
 from vaekl import config as config_lib
 from vaekl import progress as progress_lib
 from vaekl import steps as steps_lib
@@ -53,6 +53,25 @@ def create_model(config, train_data) -> models.VAE:
     fields["init_scheme"] = fields.pop("init")
     fields["likelihood"] = fields["likelihood"] or train_data.likelihood
     return models.VAE(**fields, data_dim=train_data.dim, image_shape=tuple(train_data.shape))
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")  # config.optim.optimizer's names.
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "iwae", "jang")  # config.optim.schedule's.
+ON_NAN = ("stop", "skip")  # config.train.on_nan's: what a non-finite loss does.
+
+
+def check_optim_config(config) -> None:
+    """Raises one error naming the first bad field of `config.optim` (called by
+    `vaekl.config.check`, before any data loads).
+
+    Raises:
+      ValueError: `config.optim.<field>: ...`.
+    """
+    for field, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        validate.config_choice(config, f"optim.{field}", allowed)
+    if not config.optim.learning_rate > 0:
+        raise ValueError("config.optim.learning_rate: expected > 0, got"
+                         f" {config.optim.learning_rate!r}.")
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -110,6 +129,23 @@ def load_data(config):
         test = dataclasses.replace(test, x=test.x[:num],
                                    labels=None if test.labels is None else test.labels[:num])
     return train, test
+
+
+def check_train_config(config, *, num_devices: int) -> None:
+    """Raises one error naming the first bad field of `config.train` (called by
+    `vaekl.config.check`, before any data loads): its names and counts, and a batch that
+    splits over the `num_devices` (`train_and_evaluate` refuses one larger than the
+    training split, once it is loaded).
+
+    Raises:
+      ValueError (TypeError for a count that is no int): `config.train.<field> ...`.
+    """
+    validate.config_choice(config, "train.on_nan", ON_NAN)
+    for field, minimum in (("batch_size", 1), ("num_seeds", 1), ("num_epochs", 0)):
+        validate.config_int(config, f"train.{field}", minimum=minimum)
+    if config.train.batch_size % num_devices:
+        raise ValueError(f"config.train.batch_size: {config.train.batch_size} must be divisible"
+                         f" by the {num_devices} devices it is sharded over.")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -5,6 +5,11 @@ vaekl has the defaults without the experiments folder. `complete(config)` fills 
 partial config (a notebook's `ConfigDict(dict(data=dict(dataset="digits")))`) from
 them and refuses a field they do not have; `check(config, num_devices=...)` refuses bad
 values with one error naming the field. `vaekl.train.train_and_evaluate` calls both.
+Each group's checks live beside the code that uses it, and `check` calls them in this
+order, before any data loads: model `vaekl.models.check_model_config`, loss
+`vaekl.steps.check_loss_config`, optim `vaekl.train.check_optim_config`, train
+`vaekl.train.check_train_config`, eval `vaekl.evaluate.check_eval_config`; data's
+fields by `vaekl.data.load`'s first lines (and `--config.data.dataset` by experiments.main).
 
 The config is nested in groups, each passed to what uses it; every field (leaf) kept
 the name it had in the flat config of before, and leaf names are unique across groups,

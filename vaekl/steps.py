@@ -83,10 +83,10 @@ def make_loss_fn(model: models.VAE, config):
     `config.loss.objective` "elbo" is the ELBO of the posterior family
     `config.model.posterior` with the KL term `config.loss.kl` (and beta, KL warm-up, free
     bits); the others are `vaekl.bounds` objectives of the same q, whose loss is minus the
-    bound and whose gradient is `config.loss.grad_estimator`'s Categorical latents train with q relaxed or
-    not by `config.loss.categorical_gradient` (`_categorical_q`); `baseline` is the
-    score-function gradient's b (`baseline_value`), read only for a q that is not
-    reparameterised.
+    bound and whose gradient is `config.loss.grad_estimator`'s. Categorical latents train
+    with q relaxed or not by `config.loss.categorical_gradient` (`_categorical_q`);
+    `baseline` is the score-function gradient's b (`baseline_value`), read only for a q
+    that is not reparameterised.
     """
     loss_config = config.loss
     kl_term, num_samples = loss_config.kl, loss_config.num_samples

@@ -221,8 +221,9 @@ CATEGORICAL_STUDY = Study(
     pair_text="discrete test ELBO",
     plot_metric="test_elbo",
     plot_label="discrete test ELBO, hard samples (nats, higher is better)",
-    no_published=("Jang et al.'s Table 2 could not be read here, and the ~101.5 quoted elsewhere"
-                  " for their Gumbel-softmax VAE is unverified (../shared/REFERENCES.md)."),
+    no_published=("Jang, Gu & Poole (2017, arXiv:1611.01144) Table 2 could not be read here,"
+                  " and the ~101.5 quoted elsewhere for their Gumbel-softmax VAE is"
+                  " unverified."),
 )
 
 STUDIES = (BURDA_STUDY, CATEGORICAL_STUDY)

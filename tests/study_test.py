@@ -178,8 +178,8 @@ def test_categorical_table_has_its_rows_pairs_and_no_published_figure(tmp_path):
             " train | eval |") in summary
     assert "84 epochs of Jang et al.'s categorical VAE on `mnist`" in summary
     assert "active units" not in summary and "Δ" not in summary and "Burda" not in summary
-    assert ("No published figure stands beside these rows: Jang et al.'s Table 2 could not be"
-            " read here, and the ~101.5 quoted elsewhere") in summary
+    assert ("No published figure stands beside these rows: Jang, Gu & Poole (2017,"
+            " arXiv:1611.01144) Table 2 could not be read here, and the ~101.5") in summary
     # The pair, in the discrete ELBO: per-seed differences and the paired SE over images.
     e_a, e_r = (1.5 * x.astype(np.float32).astype(np.float64) - 5 for x in (analytic, relaxed))
     d = e_r.mean(1) - e_a.mean(1)

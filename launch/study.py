@@ -183,22 +183,21 @@ def describe(study: Study, study_rows) -> str:
         images=", ".join(sorted({str(r["test_examples"]) for r in study_rows})))
 
 
-def not_run(study: Study, runs) -> list[tuple[str, list[str]]]:
-    """(sweep, labels of its rows that no run in `runs` measured) for each registered sweep
-    of the runs' study config (burda.py:short: burda_short and burda_short_k50)."""
+def sweep_rows(study: Study, runs) -> list[tuple[str, list[str], list[str]]]:
+    """(sweep, labels of its rows measured in `runs`, labels of those not) for each
+    registered sweep of the runs' config (burda.py:short: burda_short and burda_short_k50)."""
     configs = {r["record"].get("config") for r in runs}
     done = {study.row_key(r["config"]) for r in runs}
     out = []
     for name, sweep in sweeps.SWEEPS.items():
         if sweep.config in configs:
-            keys = [study.row_key(sweeps.leaves(o)) for o in sweep.runs]
-            missing = [study.label(k) for k in dict.fromkeys(keys) if k not in done]
-            if missing:
-                out.append((name, missing))
+            keys = list(dict.fromkeys(study.row_key(sweeps.leaves(o)) for o in sweep.runs))
+            out.append((name, [study.label(k) for k in keys if k in done],
+                        [study.label(k) for k in keys if k not in done]))
     return out
 
 
-def markdown(study: Study, study_rows, diffs=(), excluded=(), missing=(), root=None) -> str:
+def markdown(study: Study, study_rows, diffs=(), excluded=(), by_sweep=(), root=None) -> str:
     with_published = bool(study.references) and any(
         study.measured_as_published(r) for r in study_rows)
     lines = [
@@ -249,10 +248,14 @@ def markdown(study: Study, study_rows, diffs=(), excluded=(), missing=(), root=N
         reasons.setdefault(why, []).append(f"`{name}`")
     for why, names in reasons.items():
         lines += ["", f"Left out of the table, {why}: {len(names)} run(s), {', '.join(names)}."]
-    for name, labels in missing:
-        lines += ["", f"Not run yet, rows of the sweep `{name}`: {'; '.join(labels)}. To run"
-                  f" them: `python -m launch.sweep --sweep={name} --root={root or 'ROOT'}"
-                  " --data_dir=DATA_DIR --commit`, then this collect again."]
+    for name, done, missing in by_sweep:
+        command = (f"`python -m launch.sweep --sweep={name} --root={root or 'ROOT'}"
+                   " --data_dir=DATA_DIR --commit`")
+        if done:
+            lines += ["", f"Trained by {command}: {len(done)} row(s) of the sweep `{name}`."]
+        if missing:
+            lines += ["", f"Not run yet, rows of the sweep `{name}`: {'; '.join(missing)}. To"
+                      f" run them: {command}, then this collect again."]
     return "\n".join(lines) + "\n"
 
 
@@ -313,4 +316,4 @@ def write(study: Study, prefix: Path, run_dirs) -> tuple[dict[str, Path], str]:
     plot(study, study_rows, paths["study_plot"])
     root = Path(run_dirs[0]).parent
     return paths, markdown(study, study_rows, differences(study, kept), excluded,
-                           not_run(study, kept), root)
+                           sweep_rows(study, kept), root)

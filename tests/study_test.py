@@ -135,6 +135,9 @@ def test_study_table_pairs_seeds_and_places_published_figures(tmp_path):
     assert ("Not run yet, rows of the sweep `burda_short`: VAE k=1, KL k3; VAE k=1, KL stl;"
             " VAE k=5, KL analytic; IWAE k=5, reparam; IWAE k=5, stl; IWAE k=5, dreg.") in summary
     assert "rows of the sweep `burda_short_k50`: VAE k=50, KL analytic;" in summary
+    assert (f"Trained by `python -m launch.sweep --sweep=burda_short --root={tmp_path}"
+            " --data_dir=DATA_DIR --commit`: 2 row(s) of the sweep `burda_short`.") in summary
+    assert "row(s) of the sweep `burda_short_k50`." not in summary  # None of its rows ran.
     assert f"--sweep=burda_short_k50 --root={tmp_path} --data_dir=DATA_DIR --commit" in summary
 
 
@@ -191,6 +194,7 @@ def test_categorical_table_has_its_rows_pairs_and_no_published_figure(tmp_path):
             " ST Gumbel-softmax, KL relaxed; score function, KL analytic; score function, KL"
             f" k1. To run them: `python -m launch.sweep --sweep=categorical_vae --root={tmp_path}"
             " --data_dir=DATA_DIR --commit`") in summary
+    assert ": 2 row(s) of the sweep `categorical_vae`." in summary
 
 
 def test_study_of_needs_every_run_from_one_study(tmp_path):

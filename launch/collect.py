@@ -245,7 +245,8 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
             metric: str | None = None, report: Path | None = None) -> dict[str, Path]:
     """Writes ROOT/results.csv, ROOT/summary.md and ROOT/summary.png.
 
-    The runs of a study sweep (`launch.study`) get the study's table instead: ROOT/summary.md,
+    The runs of a study sweep (one of `launch.studies.STUDIES`: the burda_* sweeps,
+    categorical_vae) get the study's table (`launch.study`) instead: ROOT/summary.md,
     ROOT/study.csv and ROOT/study.png.
 
     Args:
@@ -270,8 +271,9 @@ def collect(root: Path, group_by: Sequence[str] | None = None,
     if not finished:
         raise ValueError(f"--root: no run under {str(root)!r} has a results.json yet.")
     header = _header(root, report, len(finished), unfinished)
-    if study.is_study(finished):  # The burda_* sweeps: their table beside Burda's Table 1.
-        paths, table = study.write(Path(report) if report else root / "study", finished)
+    found = study.study_of(finished)  # burda_* (beside Burda's Table 1), categorical_vae.
+    if found:
+        paths, table = study.write(found, Path(report) if report else root / "study", finished)
         summary = Path(report).with_suffix(".md") if report else root / "summary.md"
         summary.write_text(header + table)
         return {"summary": summary, "csv": paths["study_csv"], "plot": paths["study_plot"]}

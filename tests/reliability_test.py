@@ -743,6 +743,35 @@ def test_a_corrupt_checkpoint_is_moved_aside_and_the_one_before_restored(
     ckpt.close()
 
 
+class _StateBeforeBaseline(NamedTuple):
+    """`steps.TrainState` as vaekl saved it before `baseline` was added (2026-12-07)."""
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+
+
+def test_a_checkpoint_from_before_a_state_field_was_added_resumes(tmp_path, caplog):
+    old = _StateBeforeBaseline(jnp.int32(7), {"w": jnp.arange(6.0).reshape(2, 3)},
+                               (jnp.ones(4),))
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    ckpt.save(7, old)
+    template = steps_lib.TrainState(jnp.int32(0), {"w": jnp.zeros((2, 3))}, (jnp.zeros(4),),
+                                    jnp.float32(0.5))
+    with caplog.at_level(logging.WARNING):
+        step, state = ckpt.restore_latest(template)
+    assert step == 7 and isinstance(state, steps_lib.TrainState)
+    assert_trees_equal(tuple(state[:3]), tuple(old))
+    assert float(state.baseline) == 0.5  # The template's initial value.
+    assert "written before the train state had baseline" in caplog.text
+    assert "unreadable" not in caplog.text and not (tmp_path / "corrupt_checkpoint_7").exists()
+    # A field the checkpoint has that the template lacks is no subset: still refused as
+    # unreadable (and kept aside), not silently dropped.
+    ckpt.save(8, steps_lib.TrainState(*old, jnp.float32(1.0)))
+    assert ckpt.restore_latest(old)[0] == 7
+    assert (tmp_path / "corrupt_checkpoint_8").is_dir()
+    ckpt.close()
+
+
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory, reference):
     """A run of RUN stopped after 2 of its 12 epochs: checkpoints at steps 93 and 186."""

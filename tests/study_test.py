@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch import collect, study, sweeps
+from launch import collect, studies, study, sweeps
 from vaekl import config as vaekl_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +63,15 @@ def test_study_protocols_and_rows():
     assert {o["loss.num_samples"] for _, o in sweeps.get("burda_short_k50").named_runs()} == {50}
     # Runs are named by leaf names: the committed runs' directories (flat config) stay theirs.
     assert named[0][0] == "kl=analytic,num_samples=1,num_seeds=3,objective=elbo"
-    assert study.row_key({"objective": "iwae", "num_samples": 5, "kl": "analytic",
-                          "grad_estimator": "dreg"}) == ("iwae", 5, None, "dreg")
+    assert studies.BURDA_STUDY.row_key({"objective": "iwae", "num_samples": 5, "kl": "analytic",
+                                        "grad_estimator": "dreg"}) == ("iwae", 5, None, "dreg")
 
 
 def _study_run(root, name, overrides, config, seeds_ll, images, *, dataset="mnist", eval_k=5000,
-               nested=False):
+               nested=False, launch_config="experiments/configs/burda.py:short"):
     """A finished study run's files, as train_and_evaluate and launch.runs write them: with
-    the nested config (`nested`), or the flat one of the runs written before it."""
+    the nested config (`nested`), or the flat one of the runs written before it. Per image,
+    the ELBO is 1.5 x the log-likelihood - 5 (so that the two differ between rows)."""
     path = root / name
     path.mkdir()
     config = {"num_epochs": 40, "dataset": dataset, "eval_importance_samples": eval_k,
@@ -81,16 +82,18 @@ def _study_run(root, name, overrides, config, seeds_ll, images, *, dataset="mnis
         groups = vaekl_config.groups()
         overrides = {f"{groups[k]}.{k}": v for k, v in overrides.items()}
     (path / "config.json").write_text(json.dumps(config))
-    seeds = [{"seed": s, "test_log_likelihood": ll, "test_elbo": ll - 5, "test_rate": 20.0 + s,
-              "active_units": 20 + s, "test_log_likelihood_se": 0.1, "test_elbo_se": 0.2}
+    seeds = [{"seed": s, "test_log_likelihood": ll, "test_elbo": 1.5 * ll - 5,
+              "test_rate": 20.0 + s, "active_units": 20 + s, "test_log_likelihood_se": 0.1,
+              "test_elbo_se": 0.2}
              for s, ll in enumerate(seeds_ll)]
     (path / "results.json").write_text(json.dumps({
         "seeds": seeds, "test_examples": images.shape[-1], "steps": 1000, "train_wall_s": 10.0,
         "total_wall_s": 25.0, "platform": "cpu"}))
     (path / "launch.json").write_text(json.dumps({
-        "config": "experiments/configs/burda.py:short", "overrides": overrides, "code": "abc",
-        "host": "h", "start_time": "t0", "end_time": "t1"}))
-    np.savez(path / "per_example.npz", log_likelihood=images.astype(np.float32))
+        "config": launch_config, "overrides": overrides, "code": "abc", "host": "h",
+        "start_time": "t0", "end_time": "t1"}))
+    np.savez(path / "per_example.npz", log_likelihood=images.astype(np.float32),
+             elbo=(1.5 * images - 5).astype(np.float32))
     return path
 
 
@@ -120,7 +123,8 @@ def test_study_table_pairs_seeds_and_places_published_figures(tmp_path):
     d = a_ll - b_ll
     a32, b32 = a_img.astype(np.float32).astype(np.float64), b_img.astype(np.float32)
     se = np.sqrt(sum(np.var(a32[s] - b32[s], ddof=1) / 10000 for s in range(3))) / 3
-    (pair,) = study.differences([study.load_run(tmp_path / n) for n in ("a", "b")])
+    (pair,) = study.differences(studies.BURDA_STUDY,
+                                [study.load_run(tmp_path / n) for n in ("a", "b")])
     assert pair["pair"] == "analytic − k1 (VAE k=1)" and pair["n"] == 3
     assert pair["mean"] == pytest.approx(d.mean())
     assert pair["std"] == pytest.approx(np.std(d, ddof=1))
@@ -131,6 +135,9 @@ def test_study_table_pairs_seeds_and_places_published_figures(tmp_path):
     assert ("Not run yet, rows of the sweep `burda_short`: VAE k=1, KL k3; VAE k=1, KL stl;"
             " VAE k=5, KL analytic; IWAE k=5, reparam; IWAE k=5, stl; IWAE k=5, dreg.") in summary
     assert "rows of the sweep `burda_short_k50`: VAE k=50, KL analytic;" in summary
+    assert (f"Trained by `python -m launch.sweep --sweep=burda_short --root={tmp_path}"
+            " --data_dir=DATA_DIR --commit`: 2 row(s) of the sweep `burda_short`.") in summary
+    assert "row(s) of the sweep `burda_short_k50`." not in summary  # None of its rows ran.
     assert f"--sweep=burda_short_k50 --root={tmp_path} --data_dir=DATA_DIR --commit" in summary
 
 
@@ -140,3 +147,64 @@ def test_study_table_has_no_published_figures_off_their_protocol(tmp_path):
     _study_run(tmp_path, "a", row, row, [-30.0, -30.0], img, dataset="digits", eval_k=20)
     summary = collect.collect(tmp_path)["summary"].read_text()
     assert "No published figure" in summary and "Δ Burda" not in summary
+
+
+CATEGORICAL = "experiments/configs/train.py:categorical"
+
+
+def _categorical_run(root, gradient, kl, images):
+    row = {"categorical_gradient": gradient, "kl": kl, "num_seeds": len(images)}
+    return _study_run(root, f"{gradient}-{kl}", row, {**row, "num_epochs": 84}, images.mean(1),
+                      images, eval_k=1000, nested=True, launch_config=CATEGORICAL)
+
+
+def test_categorical_table_has_its_rows_pairs_and_no_published_figure(tmp_path):
+    rng = np.random.default_rng(1)
+    analytic = rng.normal(-95, 5, (3, 10000))
+    relaxed = analytic + 0.3 + rng.normal(0, 1, (3, 10000))  # Paired with analytic, seed by seed.
+    _categorical_run(tmp_path, "gumbel", "relaxed", relaxed)
+    _categorical_run(tmp_path, "gumbel", "analytic", analytic)
+    assert study.study_of(sorted(tmp_path.iterdir())) is studies.CATEGORICAL_STUDY
+    paths = collect.collect(tmp_path, report=tmp_path / "report")
+    summary = paths["summary"].read_text()
+    rows = list(csv.DictReader(open(paths["csv"])))
+    # Rows in the sweep's order (analytic first), whatever order the runs were found in.
+    assert [r["row"] for r in rows] == ["Gumbel-softmax, KL analytic", "Gumbel-softmax, KL relaxed"]
+    assert "burda" not in rows[0] and "active_units_mean" not in rows[0]
+    for r, images in zip(rows, (analytic, relaxed)):
+        ll = images.mean(1)
+        elbo = 1.5 * ll - 5
+        assert r["n"] == "3" and float(r["test_elbo_std"]) == pytest.approx(np.std(elbo, ddof=1))
+        assert (f"| {r['row']} | 3 | {elbo.mean():.2f} ± {np.std(elbo, ddof=1):.2f} | 0.20 |"
+                f" {ll.mean():.2f} ± {np.std(ll, ddof=1):.2f} | 0.10 | 21.00 ± 1.00 |") in summary
+    assert ("| row | n | discrete test ELBO | SE | IWAE-1000 log-lik. | SE | rate | seed-steps/s |"
+            " train | eval |") in summary
+    assert "84 epochs of Jang et al.'s categorical VAE on `mnist`" in summary
+    assert "active units" not in summary and "Δ" not in summary and "Burda" not in summary
+    assert ("No published figure stands beside these rows: Jang, Gu & Poole (2017,"
+            " arXiv:1611.01144) Table 2 could not be read here, and the ~101.5") in summary
+    # The pair, in the discrete ELBO: per-seed differences and the paired SE over images.
+    e_a, e_r = (1.5 * x.astype(np.float32).astype(np.float64) - 5 for x in (analytic, relaxed))
+    d = e_r.mean(1) - e_a.mean(1)
+    se = np.sqrt(sum(np.var(e_r[s] - e_a[s], ddof=1) / 10000 for s in range(3))) / 3
+    assert "a − b in discrete test ELBO (nats)" in summary
+    assert (f"| relaxed − analytic (Gumbel-softmax) | 3 | {d.mean():.2f} |"
+            f" {np.std(d, ddof=1):.2f} (2) | {se:.3f} |") in summary
+    assert ("Not run yet, rows of the sweep `categorical_vae`: ST Gumbel-softmax, KL analytic;"
+            " ST Gumbel-softmax, KL relaxed; score function, KL analytic; score function, KL"
+            f" k1. To run them: `python -m launch.sweep --sweep=categorical_vae --root={tmp_path}"
+            " --data_dir=DATA_DIR --commit`") in summary
+    assert ": 2 row(s) of the sweep `categorical_vae`." in summary
+
+
+def test_study_of_needs_every_run_from_one_study(tmp_path):
+    img = np.full((1, 10), -90.0)
+    row = {"kl": "analytic", "objective": "elbo", "num_samples": 1}
+    burda = _study_run(tmp_path, "burda", row, row, [-90.0], img)
+    categorical = _categorical_run(tmp_path, "gumbel", "analytic", img)
+    plain = _study_run(tmp_path, "plain", row, row, [-90.0], img,
+                       launch_config="experiments/configs/train.py")
+    assert study.study_of([burda]) is studies.BURDA_STUDY  # Any preset of burda.py.
+    assert study.study_of([categorical]) is studies.CATEGORICAL_STUDY
+    assert study.study_of([burda, categorical]) is None
+    assert study.study_of([plain]) is None and study.study_of([]) is None

@@ -9,6 +9,11 @@ restored; the only good checkpoint is never deleted, since orbax deletes old
 checkpoints only after a newer save has completed. An unreadable checkpoint is
 moved aside (to `corrupt_checkpoint_<step>` beside the directory), not deleted.
 
+A state that has gained fields since its checkpoint was written (a NamedTuple, fields
+only ever appended: `vaekl.steps.TrainState`'s `baseline` came on 2026-12-07) is not
+corrupt: the fields the checkpoint has are restored and the new ones keep the template's
+initial values, with a warning, so a run from an older vaekl resumes where it stopped.
+
 Under `jax.distributed` every process calls `save` and `restore_latest`: orbax
 writes each array once (the processes that hold copies share the writing) and
 restores it onto every device of the template's sharding. The directory must be
@@ -73,9 +78,11 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             try:
-                state = self._manager.restore(step, args=ocp.args.StandardRestore(template))
+                state, added = self._restore(step, template)
                 saved = (self._manager.metadata(step).custom_metadata or {}).get(_CHECKSUM)
-                if saved is not None and saved != checksum(state):
+                restored = [getattr(state, f) for f in state._fields if f not in added] \
+                    if added else state  # The checksum covers what was saved.
+                if saved is not None and saved != checksum(restored):
                     raise ValueError("its arrays do not match the checksum saved with them")
             except Exception as e:  # orbax raises many types for damaged files.
                 if template is None:
@@ -87,6 +94,31 @@ class Checkpointer:
                 continue
             return step, state
         return None, template
+
+    def _restore(self, step: int, template: Any) -> tuple[Any, list[str]]:
+        """(`step` restored shaped like `template`, the template's fields it lacked).
+
+        Only a NamedTuple template whose checkpoint holds a strict subset of its fields
+        (read from the checkpoint's tree metadata) lacks any; those keep the template's.
+        """
+        fields = getattr(type(template), "_fields", ())
+        saved = set(fields)
+        if fields:
+            try:  # The checkpoint's top-level keys, without reading its arrays.
+                saved = set(ocp.StandardCheckpointHandler().metadata(
+                    self._directory / str(step) / "default"))
+            except Exception:  # Unreadable metadata: the plain restore below says why.
+                pass
+        added = [f for f in fields if f not in saved]
+        if not added or not saved or not saved <= set(fields):
+            return self._manager.restore(step, args=ocp.args.StandardRestore(template)), []
+        part = {f: getattr(template, f) for f in fields if f in saved}
+        state = template._replace(
+            **self._manager.restore(step, args=ocp.args.StandardRestore(part)))
+        logging.warning("The checkpoint at step %d in %s was written before the train state had"
+                        " %s; resuming with their initial values.", step, self._directory,
+                        ", ".join(added))
+        return state, added
 
     def _quarantine(self, step: int) -> None:
         src = Path(self._manager.directory) / str(step)

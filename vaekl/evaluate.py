@@ -205,10 +205,9 @@ class Evaluator:
             test_elbo = test_elbo[0]
         model = self._model
         x = self._x.reshape(-1, self._x.shape[-1])[:16]
-        if model.posterior == "categorical":  # Decoded at q's probabilities, [16, N, K].
-            mean = model.apply(params, x, method=models.VAE.encode_posterior).probs()
-        else:
-            mean, _ = model.apply(params, x, method=models.VAE.encode)
+        # Decoded at q's location (the active units' `_location`), in z's shape.
+        mean = _location(model.apply(params, x, method=models.VAE.encode_posterior))
+        mean = mean.reshape(mean.shape[:1] + models.latent_shape(model))
         recon = self._mean_image(model.apply(params, mean, method=models.VAE.decode))
         prior = model.apply(params, method=models.VAE.get_prior)
         z_key = jax.random.fold_in(keys["eval"], 1)
@@ -223,7 +222,8 @@ class Evaluator:
         shape = self._shape[:2]
         _save_grid(workdir / "reconstructions.png", np.concatenate([x, recon]), shape, 16,
                    f"{when}\ntop: {len(x)} test images; bottom: their reconstructions"
-                   " (decoder mean at the encoder mean)", ("test images", "reconstructions"))
+                   " (decoder mean at q's mean, or its probabilities)",
+                   ("test images", "reconstructions"))
         _save_grid(workdir / "samples.png", np.asarray(samples), shape, 8,
                    f"{when}\n{len(samples)} samples: decoder means at z drawn from the prior")
         return {name: _grid(np.asarray(images).reshape((-1,) + shape), cols)

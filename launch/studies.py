@@ -196,7 +196,14 @@ CATEGORICAL_STUDY = Study(
     notes=(" The latents are 30 one-hot blocks of 10 under a uniform prior; whatever KL term"
            " trained a row, `discrete test ELBO` is the discrete model's (hard one-hot samples,"
            " exact categorical KL) and `IWAE-K` its importance-weighted log-likelihood bound"
-           " with hard samples."),
+           " with hard samples. In training (the `categorical` preset of"
+           " experiments/configs/train.py): Gumbel-softmax samples at temperature"
+           " τ = max(exp(−3e-5 · step), 0.5), updated every 1000 steps, ST = hard one-hot"
+           " forward and the relaxed gradient; `KL analytic` is the exact categorical KL of q's"
+           " logits, `KL relaxed` the sampled log-ratio of the relaxed densities of q and of the"
+           " prior, the prior at q's τ (config.loss.prior_temperature = 0); the score function"
+           " is REINFORCE with a baseline, the bias-corrected moving average (decay 0.99) of past"
+           " steps' batch-mean ELBO."),
     metrics=("test_elbo", "test_log_likelihood", "test_rate", "test_distortion"),
     columns=(("discrete test ELBO", "test_elbo"), ("SE", "test_elbo_se"),
              ("IWAE-{k} log-lik.", "test_log_likelihood"), ("SE", "test_log_likelihood_se"),
